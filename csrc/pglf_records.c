@@ -1,0 +1,347 @@
+/*
+ * pglf_records.c - the consumer side of a subscription, in C: the
+ * Notification type and a batch drain that turns ring records into
+ * Notification objects without running Python code per item.
+ *
+ * Built as the CPython extension `pglisten_fast._records` next to the cffi
+ * module `pglisten_fast._pglf`.  Both compile pglf_ring.c; a ring created
+ * by one is read by the other through its address, which is sound because
+ * the two copies come from the same source and layout.
+ *
+ * Thread role: drain() is the ring's consumer; the Python caller holds the
+ * subscription's consumer lock, so at most one thread runs it per ring.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <string.h>
+
+#include "pglf_ring.h"
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *channel;   /* str */
+    PyObject *payload;   /* str */
+    PyObject *reason;    /* str or None */
+    long long dropped;
+    int pid;
+    char connection_reset;
+} NotificationObject;
+
+static PyTypeObject NotificationType;
+static PyObject *str_listen, *str_reconnect, *str_overflow, *str_empty;
+
+static NotificationObject *notification_alloc(void)
+{
+    NotificationObject *n = PyObject_New(NotificationObject, &NotificationType);
+    return n;
+}
+
+static PyObject *notification_new(PyTypeObject *type, PyObject *args,
+                                  PyObject *kwds)
+{
+    static char *kwlist[] = {"channel", "payload", "pid", "connection_reset",
+                             "reason", "dropped", NULL};
+    PyObject *channel, *payload = NULL, *reason = Py_None;
+    int pid = 0, reset = 0;
+    long long dropped = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|Uip$OL:Notification", kwlist,
+                                     &channel, &payload, &pid, &reset, &reason,
+                                     &dropped))
+        return NULL;
+    if (reason != Py_None && !PyUnicode_Check(reason)) {
+        PyErr_SetString(PyExc_TypeError, "reason must be a str or None");
+        return NULL;
+    }
+    if (dropped < 0) {
+        PyErr_SetString(PyExc_ValueError, "dropped must not be negative");
+        return NULL;
+    }
+    if (type != &NotificationType) {
+        PyErr_SetString(PyExc_TypeError, "Notification cannot be subclassed");
+        return NULL;
+    }
+    NotificationObject *n = notification_alloc();
+    if (n == NULL)
+        return NULL;
+    n->channel = Py_NewRef(channel);
+    n->payload = Py_NewRef(payload ? payload : str_empty);
+    n->reason = Py_NewRef(reason);
+    n->pid = pid;
+    n->connection_reset = (char)(reset != 0);
+    n->dropped = dropped;
+    return (PyObject *)n;
+}
+
+static void notification_dealloc(NotificationObject *n)
+{
+    Py_DECREF(n->channel);
+    Py_DECREF(n->payload);
+    Py_DECREF(n->reason);
+    PyObject_Free(n);
+}
+
+static PyObject *notification_repr(NotificationObject *n)
+{
+    if (!n->connection_reset)
+        return PyUnicode_FromFormat("Notification(channel=%R, payload=%R, pid=%d)",
+                                    n->channel, n->payload, n->pid);
+    if (n->dropped)
+        return PyUnicode_FromFormat(
+            "Notification(channel=%R, connection_reset=True, reason=%R, "
+            "dropped=%lld)",
+            n->channel, n->reason, n->dropped);
+    return PyUnicode_FromFormat(
+        "Notification(channel=%R, connection_reset=True, reason=%R)", n->channel,
+        n->reason);
+}
+
+static PyObject *notification_astuple(NotificationObject *n)
+{
+    return Py_BuildValue("(OOiOOL)", n->channel, n->payload, n->pid,
+                         n->connection_reset ? Py_True : Py_False, n->reason,
+                         n->dropped);
+}
+
+static Py_hash_t notification_hash(NotificationObject *n)
+{
+    PyObject *t = notification_astuple(n);
+    if (t == NULL)
+        return -1;
+    Py_hash_t h = PyObject_Hash(t);
+    Py_DECREF(t);
+    return h;
+}
+
+static PyObject *notification_richcompare(PyObject *a, PyObject *b, int op)
+{
+    if (!PyObject_TypeCheck(b, &NotificationType) ||
+        (op != Py_EQ && op != Py_NE))
+        Py_RETURN_NOTIMPLEMENTED;
+    NotificationObject *x = (NotificationObject *)a, *y = (NotificationObject *)b;
+    int eq = x->pid == y->pid && x->connection_reset == y->connection_reset &&
+             x->dropped == y->dropped;
+    if (eq) {
+        PyObject *fields[3][2] = {{x->channel, y->channel},
+                                  {x->payload, y->payload},
+                                  {x->reason, y->reason}};
+        for (int i = 0; i < 3 && eq; i++) {
+            int rc = PyObject_RichCompareBool(fields[i][0], fields[i][1], Py_EQ);
+            if (rc < 0)
+                return NULL;
+            eq = rc;
+        }
+    }
+    if (op == Py_NE)
+        eq = !eq;
+    return PyBool_FromLong(eq);
+}
+
+static PyObject *notification_reduce(NotificationObject *n,
+                                     PyObject *Py_UNUSED(ignored))
+{
+    PyObject *t = notification_astuple(n);
+    if (t == NULL)
+        return NULL;
+    return Py_BuildValue("(ON)", (PyObject *)&NotificationType, t);
+}
+
+static PyObject *notification_get_reset(NotificationObject *n, void *closure)
+{
+    (void)closure;
+    return PyBool_FromLong(n->connection_reset);
+}
+
+static PyMemberDef notification_members[] = {
+    {"channel", T_OBJECT, offsetof(NotificationObject, channel), READONLY,
+     "Channel the notification was sent on (str)."},
+    {"payload", T_OBJECT, offsetof(NotificationObject, payload), READONLY,
+     "Payload decoded with the connection's client encoding; \"\" on markers."},
+    {"pid", T_INT, offsetof(NotificationObject, pid), READONLY,
+     "Process id of the sending backend; 0 on markers."},
+    {"reason", T_OBJECT, offsetof(NotificationObject, reason), READONLY,
+     "\"listen\", \"reconnect\" or \"overflow\" on markers, else None."},
+    {"dropped", T_LONGLONG, offsetof(NotificationObject, dropped), READONLY,
+     "On overflow markers: notifications lost at this point; else 0."},
+    {NULL}};
+
+static PyGetSetDef notification_getset[] = {
+    {"connection_reset", (getter)notification_get_reset, NULL,
+     "True on markers: state may have been missed; reload it from the source "
+     "of truth.",
+     NULL},
+    {NULL}};
+
+static PyMethodDef notification_methods[] = {
+    {"__reduce__", (PyCFunction)notification_reduce, METH_NOARGS, NULL},
+    {NULL}};
+
+PyDoc_STRVAR(notification_doc,
+             "Notification(channel, payload='', pid=0, connection_reset=False, *, "
+             "reason=None, dropped=0)\n--\n\n"
+             "One notification received on a channel, or a marker.\n\n"
+             "Immutable.  A marker (connection_reset=True) says that "
+             "notifications may have been missed on `channel` before it: "
+             "`reason` is \"listen\" (LISTEN just took effect), \"reconnect\" "
+             "(the connection was re-established) or \"overflow\" (`dropped` "
+             "notifications were lost because the subscription's buffer was "
+             "full).");
+
+static PyTypeObject NotificationType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pglisten_fast.Notification",
+    .tp_basicsize = sizeof(NotificationObject),
+    .tp_dealloc = (destructor)notification_dealloc,
+    .tp_repr = (reprfunc)notification_repr,
+    .tp_hash = (hashfunc)notification_hash,
+    .tp_richcompare = notification_richcompare,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = notification_doc,
+    .tp_members = notification_members,
+    .tp_getset = notification_getset,
+    .tp_methods = notification_methods,
+    .tp_new = notification_new,
+};
+
+/* ------------------------------------------------------------------ */
+
+static PyObject *make_record(const pglf_rec *h, PyObject *channels,
+                             const char *encoding)
+{
+    if ((Py_ssize_t)h->chan >= PyTuple_GET_SIZE(channels)) {
+        PyErr_SetString(PyExc_RuntimeError, "ring record names an unknown channel");
+        return NULL;
+    }
+    const char *body = (const char *)h + PGLF_REC_HDR;
+    PyObject *payload;
+    if (h->kind == PGLF_KIND_NOTIFY) {
+        payload = encoding == NULL
+                      ? PyUnicode_DecodeUTF8(body, h->len, "replace")
+                      : PyUnicode_Decode(body, h->len, encoding, "replace");
+        if (payload == NULL)
+            return NULL;
+    } else {
+        payload = Py_NewRef(str_empty);
+    }
+    NotificationObject *n = notification_alloc();
+    if (n == NULL) {
+        Py_DECREF(payload);
+        return NULL;
+    }
+    n->channel = Py_NewRef(PyTuple_GET_ITEM(channels, h->chan));
+    n->payload = payload;
+    n->dropped = 0;
+    if (h->kind == PGLF_KIND_NOTIFY) {
+        n->pid = h->pid;
+        n->connection_reset = 0;
+        n->reason = Py_NewRef(Py_None);
+    } else {
+        n->pid = 0;
+        n->connection_reset = 1;
+        switch (h->reason) {
+        case PGLF_REASON_LISTEN:
+            n->reason = Py_NewRef(str_listen);
+            break;
+        case PGLF_REASON_RECONNECT:
+            n->reason = Py_NewRef(str_reconnect);
+            break;
+        default: {
+            uint64_t d = 0;
+            if (h->len >= sizeof(d))
+                memcpy(&d, body, sizeof(d));
+            n->reason = Py_NewRef(str_overflow);
+            n->dropped = (long long)d;
+        }
+        }
+    }
+    return (PyObject *)n;
+}
+
+PyDoc_STRVAR(drain_doc,
+             "drain(ring_address, channels, max_items, encoding=None) -> list\n\n"
+             "Consume up to max_items records from the ring at ring_address and "
+             "return them as Notification objects.  channels maps record "
+             "channel indices to str; encoding is a Python codec name, None for "
+             "UTF-8.  The caller must be the ring's only consumer.");
+
+static PyObject *records_drain(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long addr;
+    PyObject *channels;
+    Py_ssize_t max_items;
+    const char *encoding = NULL;
+    if (!PyArg_ParseTuple(args, "KO!n|z:drain", &addr, &PyTuple_Type, &channels,
+                          &max_items, &encoding))
+        return NULL;
+    if (addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "null ring");
+        return NULL;
+    }
+    if (encoding && (strcmp(encoding, "utf-8") == 0 || strcmp(encoding, "utf8") == 0))
+        encoding = NULL;
+    pglf_ring *r = (pglf_ring *)(uintptr_t)addr;
+    PyObject *out = PyList_New(0);
+    if (out == NULL || max_items <= 0)
+        return out;
+    uint64_t pos = pglf_ring_consumer_pos(r);
+    uint64_t start = pos, notifies = 0;
+    Py_ssize_t n = 0;
+    while (n < max_items) {
+        uint64_t before = pos;
+        const pglf_rec *h = pglf_ring_peek(r, &pos);
+        if (h == NULL)
+            break;
+        PyObject *item = make_record(h, channels, encoding);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            /* Leave the failed record in the ring; release the rest. */
+            pos = before;
+            if (pos != start)
+                pglf_ring_consume(r, pos, notifies);
+            if (n == 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyErr_Clear();
+            return out;
+        }
+        Py_DECREF(item);
+        if (h->kind == PGLF_KIND_NOTIFY)
+            notifies++;
+        n++;
+    }
+    if (pos != start)
+        pglf_ring_consume(r, pos, notifies);
+    return out;
+}
+
+static PyMethodDef records_methods[] = {
+    {"drain", records_drain, METH_VARARGS, drain_doc},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef records_module = {
+    PyModuleDef_HEAD_INIT, "pglisten_fast._records",
+    "Notification type and batch drain of subscription rings.", -1,
+    records_methods};
+
+PyMODINIT_FUNC PyInit__records(void)
+{
+    if (PyType_Ready(&NotificationType) < 0)
+        return NULL;
+    str_listen = PyUnicode_InternFromString("listen");
+    str_reconnect = PyUnicode_InternFromString("reconnect");
+    str_overflow = PyUnicode_InternFromString("overflow");
+    str_empty = PyUnicode_InternFromString("");
+    if (!str_listen || !str_reconnect || !str_overflow || !str_empty)
+        return NULL;
+    PyObject *m = PyModule_Create(&records_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&NotificationType);
+    if (PyModule_AddObject(m, "Notification", (PyObject *)&NotificationType) < 0) {
+        Py_DECREF(&NotificationType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

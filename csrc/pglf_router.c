@@ -1,0 +1,624 @@
+/*
+ * pglf_router.c - channel routing, owed markers, and the libpq read loop.
+ *
+ * Single-threaded by contract: every function runs on the selector thread,
+ * which is the only producer of every ring it writes.  See pglf_router.h.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1   /* dladdr */
+#endif
+#include "pglf_router.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define ST_ACTIVE 1      /* notifications are routed to this channel */
+#define ST_ANNOUNCED 2   /* its "listen" marker was owed or written */
+
+/* Bytes of an owed pair of markers (overflow + reason), used for waits. */
+#define MARKER_PAIR ((size_t)(2 * pglf_rec_size(8)))
+
+typedef struct target {
+    pglf_sub *sub;
+    uint32_t idx;
+    uint64_t last_seq;   /* sequence number of the last notification served */
+} target;
+
+typedef struct entry {
+    struct entry *next;
+    uint64_t hash;
+    size_t len;
+    target *targets;
+    size_t ntargets, cap;
+    char name[];         /* len bytes + NUL */
+} entry;
+
+struct pglf_sub {
+    pglf_ring *ring;
+    uint32_t n;
+    int block;
+    size_t reserve;
+    uint8_t *state;          /* ST_* per channel */
+    uint8_t *owed_reason;    /* PGLF_REASON_LISTEN/RECONNECT owed, or 0 */
+    uint64_t *owed_dropped;  /* notifications dropped since the last marker */
+    entry **entries;         /* routing entry of each attached channel */
+    uint32_t owing;          /* channels with something owed */
+    int dirty;               /* written since the last wake-up */
+    pglf_sub *prev, *next;
+};
+
+struct pglf_router {
+    entry **buckets;
+    size_t nbuckets, nentries;
+    pglf_sub *subs;
+    pglf_sub **dirty;
+    size_t ndirty, capdirty;
+    size_t owing_subs;
+    int busy;
+
+    /* the notification kept aside while a "block" ring is full */
+    int stashed;
+    uint64_t stash_seq;
+    int32_t stash_pid;
+    char *stash_buf;         /* channel, NUL, payload */
+    size_t stash_chan_len, stash_payload_len, stash_cap;
+
+    uint64_t seq;
+    /* written by the selector thread, read by any (statistics) */
+    _Atomic uint64_t received, dropped, markers;
+};
+
+/* Single-writer counter bump: a relaxed load and store, no locked RMW. */
+#define BUMP(field, n)                                                       \
+    atomic_store_explicit(&(field),                                          \
+                          atomic_load_explicit(&(field), memory_order_relaxed) \
+                              + (n),                                         \
+                          memory_order_relaxed)
+
+static uint64_t hash_name(const char *s, size_t len)
+{
+    uint64_t h = 1469598103934665603ULL;     /* FNV-1a */
+    for (size_t i = 0; i < len; i++) {
+        h ^= (unsigned char)s[i];
+        h *= 1099511628211ULL;
+    }
+    return h;
+}
+
+pglf_router *pglf_router_new(void)
+{
+    pglf_router *r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return NULL;
+    r->nbuckets = 64;
+    r->buckets = calloc(r->nbuckets, sizeof(entry *));
+    if (r->buckets == NULL) {
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+static void sub_release(pglf_sub *s)
+{
+    free(s->state);
+    free(s->owed_reason);
+    free(s->owed_dropped);
+    free(s->entries);
+    free(s);
+}
+
+void pglf_router_free(pglf_router *r)
+{
+    if (r == NULL)
+        return;
+    for (size_t b = 0; b < r->nbuckets; b++) {
+        entry *e = r->buckets[b];
+        while (e) {
+            entry *next = e->next;
+            free(e->targets);
+            free(e);
+            e = next;
+        }
+    }
+    pglf_sub *s = r->subs;
+    while (s) {
+        pglf_sub *next = s->next;
+        sub_release(s);
+        s = next;
+    }
+    free(r->buckets);
+    free(r->dirty);
+    free(r->stash_buf);
+    free(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* channel map                                                          */
+
+static entry *lookup(pglf_router *r, const char *name, size_t len, uint64_t h)
+{
+    for (entry *e = r->buckets[h & (r->nbuckets - 1)]; e; e = e->next)
+        if (e->hash == h && e->len == len && memcmp(e->name, name, len) == 0)
+            return e;
+    return NULL;
+}
+
+static int grow_buckets(pglf_router *r)
+{
+    size_t nb = r->nbuckets * 2;
+    entry **b = calloc(nb, sizeof(entry *));
+    if (b == NULL)
+        return PGLF_ENOMEM;
+    for (size_t i = 0; i < r->nbuckets; i++) {
+        entry *e = r->buckets[i];
+        while (e) {
+            entry *next = e->next;
+            e->next = b[e->hash & (nb - 1)];
+            b[e->hash & (nb - 1)] = e;
+            e = next;
+        }
+    }
+    free(r->buckets);
+    r->buckets = b;
+    r->nbuckets = nb;
+    return PGLF_OK;
+}
+
+static void unlink_entry(pglf_router *r, entry *dead)
+{
+    entry **pp = &r->buckets[dead->hash & (r->nbuckets - 1)];
+    while (*pp != dead)
+        pp = &(*pp)->next;
+    *pp = dead->next;
+    r->nentries--;
+    free(dead->targets);
+    free(dead);
+}
+
+/* ------------------------------------------------------------------ */
+/* subscriptions                                                        */
+
+pglf_sub *pglf_sub_new(pglf_router *r, pglf_ring *ring, uint32_t nchannels,
+                       int block, size_t reserve)
+{
+    if (nchannels == 0)
+        return NULL;
+    pglf_sub *s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        return NULL;
+    s->ring = ring;
+    s->n = nchannels;
+    s->block = block != 0;
+    s->reserve = reserve;
+    s->state = calloc(nchannels, 1);
+    s->owed_reason = calloc(nchannels, 1);
+    s->owed_dropped = calloc(nchannels, sizeof(uint64_t));
+    s->entries = calloc(nchannels, sizeof(entry *));
+    if (!s->state || !s->owed_reason || !s->owed_dropped || !s->entries) {
+        sub_release(s);
+        return NULL;
+    }
+    s->next = r->subs;
+    if (r->subs)
+        r->subs->prev = s;
+    r->subs = s;
+    return s;
+}
+
+int pglf_sub_attach(pglf_router *r, pglf_sub *s, uint32_t idx, const char *name,
+                    size_t len)
+{
+    if (idx >= s->n || s->entries[idx] != NULL)
+        return PGLF_EINVAL;
+    uint64_t h = hash_name(name, len);
+    entry *e = lookup(r, name, len, h);
+    if (e == NULL) {
+        if (r->nentries + 1 > r->nbuckets && grow_buckets(r) != PGLF_OK)
+            return PGLF_ENOMEM;
+        e = calloc(1, sizeof(*e) + len + 1);
+        if (e == NULL)
+            return PGLF_ENOMEM;
+        e->hash = h;
+        e->len = len;
+        memcpy(e->name, name, len);
+        e->next = r->buckets[h & (r->nbuckets - 1)];
+        r->buckets[h & (r->nbuckets - 1)] = e;
+        r->nentries++;
+    }
+    if (e->ntargets == e->cap) {
+        size_t cap = e->cap ? e->cap * 2 : 2;
+        target *t = realloc(e->targets, cap * sizeof(target));
+        if (t == NULL) {
+            if (e->ntargets == 0)
+                unlink_entry(r, e);
+            return PGLF_ENOMEM;
+        }
+        e->targets = t;
+        e->cap = cap;
+    }
+    e->targets[e->ntargets++] = (target){.sub = s, .idx = idx, .last_seq = 0};
+    s->entries[idx] = e;
+    return PGLF_OK;
+}
+
+void pglf_sub_free(pglf_router *r, pglf_sub *s)
+{
+    if (s == NULL)
+        return;
+    for (uint32_t i = 0; i < s->n; i++) {
+        entry *e = s->entries[i];
+        if (e == NULL)
+            continue;
+        for (size_t k = 0; k < e->ntargets; k++) {
+            if (e->targets[k].sub == s && e->targets[k].idx == i) {
+                /* Keep the order of the other targets (fan-out order). */
+                memmove(&e->targets[k], &e->targets[k + 1],
+                        (e->ntargets - k - 1) * sizeof(target));
+                e->ntargets--;
+                break;
+            }
+        }
+        if (e->ntargets == 0)
+            unlink_entry(r, e);
+    }
+    if (s->dirty) {
+        pglf_ring_wake_consumer(s->ring);
+        for (size_t k = 0; k < r->ndirty; k++)
+            if (r->dirty[k] == s)
+                r->dirty[k] = r->dirty[--r->ndirty];
+    }
+    if (s->owing)
+        r->owing_subs--;
+    pglf_ring_producer_wait_disarm(s->ring);
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        r->subs = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    sub_release(s);
+}
+
+static void mark_dirty(pglf_router *r, pglf_sub *s)
+{
+    if (s->dirty)
+        return;
+    if (r->ndirty == r->capdirty) {
+        size_t cap = r->capdirty ? r->capdirty * 2 : 16;
+        pglf_sub **d = realloc(r->dirty, cap * sizeof(pglf_sub *));
+        if (d == NULL) {
+            /* Cannot remember it: wake now instead of later. */
+            pglf_ring_wake_consumer(s->ring);
+            return;
+        }
+        r->dirty = d;
+        r->capdirty = cap;
+    }
+    s->dirty = 1;
+    r->dirty[r->ndirty++] = s;
+}
+
+void pglf_router_wake(pglf_router *r)
+{
+    for (size_t k = 0; k < r->ndirty; k++) {
+        r->dirty[k]->dirty = 0;
+        pglf_ring_wake_consumer(r->dirty[k]->ring);
+    }
+    r->ndirty = 0;
+}
+
+static void owe(pglf_router *r, pglf_sub *s, uint32_t idx)
+{
+    if (s->owed_reason[idx] == 0 && s->owed_dropped[idx] == 0) {
+        if (s->owing++ == 0)
+            r->owing_subs++;
+    }
+}
+
+static void settle(pglf_router *r, pglf_sub *s, uint32_t idx)
+{
+    if (s->owed_reason[idx] == 0 && s->owed_dropped[idx] == 0) {
+        if (--s->owing == 0)
+            r->owing_subs--;
+    }
+}
+
+/* Write what `s` owes its consumer.  Returns 1 if something is still owed. */
+static int pay_debts(pglf_router *r, pglf_sub *s)
+{
+    for (uint32_t i = 0; i < s->n && s->owing; i++) {
+        if (s->owed_dropped[i]) {
+            uint64_t n = s->owed_dropped[i];
+            if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW,
+                                i, 0, &n, sizeof(n), 0) != PGLF_OK)
+                goto full;
+            BUMP(r->markers, 1);
+            s->owed_dropped[i] = 0;
+            mark_dirty(r, s);
+            settle(r, s, i);
+        }
+        if (s->owed_reason[i]) {
+            if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, s->owed_reason[i], i,
+                                0, NULL, 0, 0) != PGLF_OK)
+                goto full;
+            BUMP(r->markers, 1);
+            s->owed_reason[i] = 0;
+            mark_dirty(r, s);
+            settle(r, s, i);
+        }
+    }
+    return s->owing != 0;
+full:
+    /* Ask the consumer to wake the selector once markers fit again. */
+    if (pglf_ring_producer_wait_arm(s->ring, MARKER_PAIR))
+        return pay_debts(r, s);
+    return 1;
+}
+
+int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
+{
+    if (idx >= s->n)
+        return PGLF_EINVAL;
+    if (!(s->state[idx] & ST_ANNOUNCED))
+        reason = PGLF_REASON_LISTEN;   /* the first marker is always "listen" */
+    else if (reason != PGLF_REASON_LISTEN && reason != PGLF_REASON_RECONNECT)
+        return PGLF_EINVAL;
+    owe(r, s, idx);
+    /* A still-owed "listen" marker stays "listen"; owed reconnects merge. */
+    if (s->owed_reason[idx] != PGLF_REASON_LISTEN)
+        s->owed_reason[idx] = reason;
+    s->state[idx] |= ST_ACTIVE | ST_ANNOUNCED;
+    return pay_debts(r, s);
+}
+
+int pglf_sub_state(const pglf_sub *s, uint32_t idx)
+{
+    if (idx >= s->n)
+        return 0;
+    return (s->state[idx] & ST_ACTIVE ? 1 : 0) +
+           (s->state[idx] & ST_ANNOUNCED ? 1 : 0);
+}
+
+void pglf_router_deactivate_all(pglf_router *r)
+{
+    for (pglf_sub *s = r->subs; s; s = s->next)
+        for (uint32_t i = 0; i < s->n; i++)
+            s->state[i] &= (uint8_t)~ST_ACTIVE;
+}
+
+/* ------------------------------------------------------------------ */
+/* routing                                                              */
+
+static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
+                   const char *payload, size_t len)
+{
+    int rc = PGLF_FULL;
+    if (s->owing && pay_debts(r, s))
+        goto full;
+    if (len > UINT32_MAX) {
+        rc = PGLF_E2BIG;
+    } else {
+        rc = pglf_ring_write(s->ring, PGLF_KIND_NOTIFY, 0, idx, pid, payload,
+                             (uint32_t)len, s->reserve);
+        if (rc == PGLF_OK) {
+            mark_dirty(r, s);
+            return PGLF_OK;
+        }
+    }
+    if (rc == PGLF_E2BIG)
+        goto drop;   /* can never fit: losing it is the only option */
+full:
+    if (s->block) {
+        size_t need = (size_t)pglf_rec_size(len) * 2 + s->reserve;
+        if (need > pglf_ring_capacity(s->ring))
+            need = pglf_ring_capacity(s->ring);
+        if (pglf_ring_producer_wait_arm(s->ring, need))
+            return deliver(r, s, idx, pid, payload, len);
+        return PGLF_BLOCKED;
+    }
+drop:
+    owe(r, s, idx);
+    s->owed_dropped[idx]++;
+    BUMP(r->dropped, 1);
+    pglf_ring_count_dropped(s->ring, 1);
+    if (rc != PGLF_E2BIG)
+        pglf_ring_producer_wait_arm(s->ring, MARKER_PAIR);
+    return PGLF_OK;
+}
+
+static int route_seq(pglf_router *r, const char *channel, size_t chan_len,
+                     int32_t pid, const char *payload, size_t payload_len,
+                     uint64_t seq)
+{
+    entry *e = lookup(r, channel, chan_len, hash_name(channel, chan_len));
+    if (e == NULL)
+        return PGLF_OK;
+    for (size_t k = 0; k < e->ntargets; k++) {
+        target *t = &e->targets[k];
+        if (t->last_seq == seq || !(t->sub->state[t->idx] & ST_ACTIVE))
+            continue;
+        if (deliver(r, t->sub, t->idx, pid, payload, payload_len) == PGLF_BLOCKED)
+            return PGLF_BLOCKED;
+        t->last_seq = seq;
+    }
+    return PGLF_OK;
+}
+
+static int stash(pglf_router *r, const char *channel, size_t chan_len,
+                 int32_t pid, const char *payload, size_t payload_len)
+{
+    size_t need = chan_len + 1 + payload_len;
+    if (need > r->stash_cap) {
+        char *b = realloc(r->stash_buf, need);
+        if (b == NULL)
+            return PGLF_ENOMEM;
+        r->stash_buf = b;
+        r->stash_cap = need;
+    }
+    memcpy(r->stash_buf, channel, chan_len);
+    r->stash_buf[chan_len] = '\0';
+    memcpy(r->stash_buf + chan_len + 1, payload, payload_len);
+    r->stash_chan_len = chan_len;
+    r->stash_payload_len = payload_len;
+    r->stash_pid = pid;
+    r->stash_seq = r->seq;
+    r->stashed = 1;
+    return PGLF_OK;
+}
+
+int pglf_route(pglf_router *r, const char *channel, size_t chan_len, int32_t pid,
+               const char *payload, size_t payload_len)
+{
+    if (r->stashed)
+        return PGLF_BLOCKED;
+    BUMP(r->received, 1);
+    uint64_t seq = ++r->seq;
+    if (route_seq(r, channel, chan_len, pid, payload, payload_len, seq) ==
+        PGLF_OK)
+        return PGLF_OK;
+    if (stash(r, channel, chan_len, pid, payload, payload_len) != PGLF_OK) {
+        /* Out of memory: nothing can hold it.  Count it as dropped. */
+        BUMP(r->dropped, 1);
+        return PGLF_OK;
+    }
+    return PGLF_BLOCKED;
+}
+
+int pglf_router_flush(pglf_router *r)
+{
+    if (r->owing_subs)
+        for (pglf_sub *s = r->subs; s; s = s->next)
+            if (s->owing)
+                pay_debts(r, s);
+    if (r->stashed) {
+        if (route_seq(r, r->stash_buf, r->stash_chan_len, r->stash_pid,
+                      r->stash_buf + r->stash_chan_len + 1, r->stash_payload_len,
+                      r->stash_seq) == PGLF_BLOCKED) {
+            pglf_router_wake(r);
+            return PGLF_BLOCKED;
+        }
+        r->stashed = 0;
+    }
+    pglf_router_wake(r);
+    return PGLF_OK;
+}
+
+int pglf_router_blocked(const pglf_router *r) { return r->stashed; }
+int pglf_router_owing(const pglf_router *r) { return r->owing_subs != 0; }
+void pglf_router_set_busy(pglf_router *r, int busy) { r->busy = busy; }
+uint64_t pglf_router_received(const pglf_router *r)
+{
+    return atomic_load_explicit(&((pglf_router *)r)->received, memory_order_relaxed);
+}
+uint64_t pglf_router_dropped(const pglf_router *r)
+{
+    return atomic_load_explicit(&((pglf_router *)r)->dropped, memory_order_relaxed);
+}
+uint64_t pglf_router_markers(const pglf_router *r)
+{
+    return atomic_load_explicit(&((pglf_router *)r)->markers, memory_order_relaxed);
+}
+
+/* ------------------------------------------------------------------ */
+/* libpq                                                                */
+
+#ifdef PGLF_WITH_LIBPQ
+
+/* Wake consumers at least this often during a long burst. */
+#define WAKE_EVERY 4096
+
+int pglf_pump(pglf_router *r, PGconn *conn)
+{
+    int flags = 0;
+    if (r->stashed && pglf_router_flush(r) == PGLF_BLOCKED)
+        return PGLF_RUN_BLOCKED;
+    if (!PQconsumeInput(conn))
+        flags |= PGLF_RUN_ERROR;
+    PGnotify *n;
+    unsigned k = 0;
+    while ((n = PQnotifies(conn)) != NULL) {
+        int rc = pglf_route(r, n->relname, strlen(n->relname), n->be_pid,
+                            n->extra, strlen(n->extra));
+        PQfreemem(n);
+        if (rc == PGLF_BLOCKED) {
+            flags |= PGLF_RUN_BLOCKED;
+            break;
+        }
+        if (++k == WAKE_EVERY) {
+            k = 0;
+            pglf_router_wake(r);
+        }
+    }
+    pglf_router_wake(r);
+    if (r->busy && !PQisBusy(conn))
+        flags |= PGLF_RUN_RESULT;
+    return flags;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
+{
+    int sock = PQsocket(conn);
+    if (sock < 0)
+        return PGLF_RUN_ERROR;
+    int64_t deadline = timeout_ms >= 0 ? mono_ms() + timeout_ms : -1;
+    for (;;) {
+        /* Queries are sent in non-blocking mode: push what is left of them
+         * while reading, so neither side can block the other on a full
+         * socket buffer. */
+        int pending = PQflush(conn);
+        if (pending < 0)
+            return PGLF_RUN_ERROR;
+        struct pollfd p[2] = {
+            {.fd = wake_fd, .events = POLLIN},
+            /* While blocked the socket is not read: the backlog stays in the
+             * server's notification queue, not in this process. */
+            {.fd = r->stashed && !pending ? -1 : sock,
+             .events = (short)((r->stashed ? 0 : POLLIN) | (pending ? POLLOUT : 0))},
+        };
+        int left = -1;
+        if (deadline >= 0) {
+            int64_t d = deadline - mono_ms();
+            left = d > 0 ? (int)(d < 0x7fffffff ? d : 0x7fffffff) : 0;
+        }
+        int rc = poll(p, 2, left);
+        if (rc < 0)
+            return errno == EINTR ? PGLF_RUN_EINTR : PGLF_RUN_ERROR;
+        if (rc == 0)
+            return PGLF_RUN_TIMEOUT;
+        int flags = 0;
+        if (p[0].revents)
+            flags |= PGLF_RUN_WAKE;
+        if (p[1].revents & ~POLLOUT) {
+            flags |= pglf_pump(r, conn);
+            if (deadline >= 0)
+                deadline = mono_ms() + timeout_ms;
+        }
+        if (flags)
+            return flags;
+    }
+}
+
+const char *pglf_libpq_path(void)
+{
+#if defined(__linux__) || defined(__APPLE__) || defined(__FreeBSD__)
+    Dl_info info;
+    if (dladdr((void *)&PQconsumeInput, &info) && info.dli_fname)
+        return info.dli_fname;
+#endif
+    return NULL;
+}
+
+#endif /* PGLF_WITH_LIBPQ */

@@ -1,0 +1,129 @@
+/*
+ * pglf_router.h - the selector thread's hot path: channel routing, marker
+ * bookkeeping and the libpq read loop.
+ *
+ * Everything here is called on the Listener's selector thread only (the
+ * single producer of every subscription ring), with the GIL released.  The
+ * router maps a channel name to the subscriptions listening on it; a
+ * subscription (pglf_sub) is the producer-side state of one ring: which of
+ * its channels are live, and the markers it still owes its consumer.
+ *
+ * Delivery rules implemented here (DESIGN.md "Ordering and marker rules"):
+ *   - a target stays inactive, so nothing is written for it, until the
+ *     control path activates it with a "listen" or "reconnect" marker;
+ *   - "drop" subscriptions that are full lose the notification, count it,
+ *     and owe an "overflow" marker, written before anything else for that
+ *     subscription once there is room;
+ *   - "block" subscriptions that are full stop the router: the notification
+ *     is kept aside and the socket is not read until the consumer frees
+ *     space (pglf_router_flush);
+ *   - markers never fail: notifications leave `reserve` bytes free for
+ *     them, and a marker that still does not fit stays owed.
+ */
+#ifndef PGLF_ROUTER_H
+#define PGLF_ROUTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "pglf_ring.h"
+
+#define PGLF_BLOCKED 9      /* a "block" ring is full; see pglf_router_flush */
+
+/* pglf_run / pglf_pump result flags */
+#define PGLF_RUN_WAKE 1      /* the wake-up fd is readable */
+#define PGLF_RUN_TIMEOUT 2   /* no byte from the server for timeout_ms */
+#define PGLF_RUN_RESULT 4    /* the outstanding query has results to collect */
+#define PGLF_RUN_ERROR 8     /* libpq reported an error: see PQerrorMessage */
+#define PGLF_RUN_BLOCKED 16  /* a "block" ring is full; the socket is not read */
+#define PGLF_RUN_EINTR 32    /* the wait was interrupted by a signal */
+
+typedef struct pglf_router pglf_router;
+typedef struct pglf_sub pglf_sub;
+
+pglf_router *pglf_router_new(void);
+/* Frees the router and every subscription still registered. */
+void pglf_router_free(pglf_router *r);
+
+/*
+ * Register a subscription over `ring` with `nchannels` channels (indices
+ * 0..nchannels-1, names given with pglf_sub_attach).  `block` selects the
+ * overflow policy; `reserve` is the number of bytes notifications leave
+ * free for markers.  The ring must outlive the subscription.
+ */
+pglf_sub *pglf_sub_new(pglf_router *r, pglf_ring *ring, uint32_t nchannels,
+                       int block, size_t reserve);
+/* Map channel `name` (len bytes) to index `idx` of `s`; inactive. */
+int pglf_sub_attach(pglf_router *r, pglf_sub *s, uint32_t idx,
+                    const char *name, size_t len);
+/* Unregister and free `s` (its ring is left alone). */
+void pglf_sub_free(pglf_router *r, pglf_sub *s);
+
+/*
+ * Activate channel `idx` of `s`, owing its consumer a marker of `reason`
+ * (PGLF_REASON_LISTEN or PGLF_REASON_RECONNECT).  The marker is written now
+ * when it fits, else as soon as space frees.  Returns 1 if the marker is
+ * still owed.
+ */
+int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason);
+/* 1 if the channel is active, 2 if it also received its "listen" marker. */
+int pglf_sub_state(const pglf_sub *s, uint32_t idx);
+/* Deactivate every channel of every subscription (connection lost). */
+void pglf_router_deactivate_all(pglf_router *r);
+
+/*
+ * Route one notification to every active target of `channel`.  Returns
+ * PGLF_OK, or PGLF_BLOCKED when a "block" ring is full: the notification is
+ * kept aside (targets already served are remembered) and routing must not
+ * be called again until pglf_router_flush() returns PGLF_OK.
+ */
+int pglf_route(pglf_router *r, const char *channel, size_t chan_len, int32_t pid,
+               const char *payload, size_t payload_len);
+
+/*
+ * Write owed markers that now fit and retry a kept-aside notification.
+ * Returns PGLF_OK or PGLF_BLOCKED.  Call when the producer wake-up fd fired.
+ */
+int pglf_router_flush(pglf_router *r);
+/* 1 while a notification is kept aside (routing must wait). */
+int pglf_router_blocked(const pglf_router *r);
+/* 1 while any subscription is owed a marker. */
+int pglf_router_owing(const pglf_router *r);
+
+/* Wake the consumers of rings written since the last call. */
+void pglf_router_wake(pglf_router *r);
+
+/* Tell the pump that a query is outstanding (results must be collected). */
+void pglf_router_set_busy(pglf_router *r, int busy);
+
+/* Counters: written by the selector thread, readable from any thread. */
+uint64_t pglf_router_received(const pglf_router *r);
+uint64_t pglf_router_dropped(const pglf_router *r);
+uint64_t pglf_router_markers(const pglf_router *r);
+
+#ifdef PGLF_WITH_LIBPQ
+#include <libpq-fe.h>
+/*
+ * Read what the socket has: PQconsumeInput, then route every PQnotifies
+ * record and PQfreemem it, then wake consumers.  Returns PGLF_RUN_* flags.
+ */
+int pglf_pump(pglf_router *r, PGconn *conn);
+
+/*
+ * The selector's wait loop: poll the libpq socket (unless blocked) and
+ * `wake_fd`, pump whenever the socket is readable, and return only for a
+ * control event: the wake-up fd, `timeout_ms` without a byte from the
+ * server (< 0: none), results of the outstanding query, an error, or a
+ * newly blocked ring.  Returns PGLF_RUN_* flags.
+ */
+int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms);
+
+/*
+ * Path of the libpq shared object these functions were linked with, or
+ * NULL when it cannot be told.  Used at import to prove that psycopg's
+ * PGconn* belongs to the same libpq.
+ */
+const char *pglf_libpq_path(void);
+#endif
+
+#endif /* PGLF_ROUTER_H */

@@ -1,0 +1,261 @@
+"""Python face of the C ring buffer: the only module that touches ``ffi``/``lib``
+objects of a ring.
+
+A :class:`Ring` owns one lock-free single-producer / single-consumer ring of
+variable-length records (``csrc/pglf_ring.c``) and the wake-up fd its
+consumer sleeps on.  Thread roles follow the C contract: ``write`` and the
+``producer_*`` methods belong to one producer thread, ``drain*`` and
+``wait*`` to one consumer thread at a time; ``close``, ``used`` and the
+statistics may be called from anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import NamedTuple
+
+from ._pglf import ffi, lib
+from ._records import Notification
+from ._records import drain as _drain_notifications
+
+__all__ = ["MIN_CAPACITY", "RawRecord", "Ring", "RingFull", "WakeFd", "round_capacity"]
+
+OK: int = lib.PGLF_OK
+FULL: int = lib.PGLF_FULL
+E2BIG: int = lib.PGLF_E2BIG
+READY: int = lib.PGLF_READY
+TIMEOUT: int = lib.PGLF_TIMEOUT
+CLOSED: int = lib.PGLF_CLOSED
+EINTR: int = lib.PGLF_EINTR
+
+KIND_NOTIFY: int = lib.PGLF_KIND_NOTIFY
+KIND_MARKER: int = lib.PGLF_KIND_MARKER
+REASON_LISTEN: int = lib.PGLF_REASON_LISTEN
+REASON_RECONNECT: int = lib.PGLF_REASON_RECONNECT
+REASON_OVERFLOW: int = lib.PGLF_REASON_OVERFLOW
+REC_HDR: int = lib.PGLF_REC_HDR
+
+#: Smallest ring the library hands out: a maximal PostgreSQL payload
+#: (7,999 bytes) always fits, with room for markers.
+MIN_CAPACITY = 64 * 1024
+MAX_CAPACITY = 1 << 34
+
+
+class RingFull(Exception):
+    """Raised by :meth:`Ring.write_or_raise` when the record does not fit now."""
+
+
+class RawRecord(NamedTuple):
+    """One record as stored in the ring (tests and diagnostics)."""
+
+    kind: int
+    reason: int
+    chan: int
+    pid: int
+    payload: bytes
+
+
+def round_capacity(size: int) -> int:
+    """Round a buffer size up to a power of two of at least :data:`MIN_CAPACITY`.
+
+    :raises TypeError: ``size`` is not an ``int``.
+    :raises ValueError: ``size`` is not positive or is absurdly large.
+    """
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise TypeError(f"buffer_size must be an int, got {type(size).__name__}")
+    if size <= 0:
+        raise ValueError(f"buffer_size must be positive, got {size}")
+    if size > MAX_CAPACITY:
+        raise ValueError(f"buffer_size {size} exceeds the maximum of {MAX_CAPACITY}")
+    cap = MIN_CAPACITY
+    while cap < size:
+        cap <<= 1
+    return cap
+
+
+class WakeFd:
+    """A non-blocking wake-up fd pair: an eventfd on Linux, else a pipe."""
+
+    __slots__ = ("__weakref__", "_finalizer", "rfd", "wfd")
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.rfd = self.wfd = fd
+        else:  # pragma: no cover - non-Linux
+            self.rfd, self.wfd = os.pipe()
+            os.set_blocking(self.rfd, False)
+            os.set_blocking(self.wfd, False)
+        self._finalizer = weakref.finalize(self, _close_fds, self.rfd, self.wfd)
+
+    def signal(self) -> None:
+        """Make the fd readable (safe from any thread)."""
+        lib.pglf_fd_signal(self.wfd)
+
+    def clear(self) -> None:
+        """Consume pending signals without blocking."""
+        lib.pglf_fd_clear(self.rfd)
+
+    def fileno(self) -> int:
+        return self.rfd
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _close_fds(rfd: int, wfd: int) -> None:
+    os.close(rfd)
+    if wfd != rfd:
+        os.close(wfd)
+
+
+def _free_ring(ptr: object, wake: WakeFd) -> None:
+    lib.pglf_ring_free(ptr)
+    wake.close()
+
+
+class Ring:
+    """A C SPSC ring of records plus the fd its consumer sleeps on.
+
+    :param capacity: bytes, rounded up to a power of two (C minimum 4 KiB;
+        the library itself uses :func:`round_capacity`).
+    :param producer_wfd: fd the consumer signals when a producer waiting for
+        space (:meth:`producer_wait_arm`) may continue; -1 for none.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "_out", "_ptr", "address", "wake")
+
+    def __init__(self, capacity: int, producer_wfd: int = -1) -> None:
+        if capacity <= 0 or capacity > MAX_CAPACITY:
+            raise ValueError(f"ring capacity out of range: {capacity}")
+        self.wake = WakeFd()
+        ptr = lib.pglf_ring_new(capacity, self.wake.wfd, self.wake.rfd, producer_wfd)
+        if ptr == ffi.NULL:
+            self.wake.close()
+            raise MemoryError(f"cannot allocate a ring of {capacity} bytes")
+        self._ptr = ptr
+        self._out: object = None
+        self.address: int = int(ffi.cast("uintptr_t", ptr))
+        self._finalizer = weakref.finalize(self, _free_ring, ptr, self.wake)
+
+    # -- any thread ----------------------------------------------------
+    @property
+    def ptr(self) -> object:
+        """The ``pglf_ring *`` (valid while this object lives)."""
+        return self._ptr
+
+    @property
+    def capacity(self) -> int:
+        return int(lib.pglf_ring_capacity(self._ptr))
+
+    @property
+    def max_payload(self) -> int:
+        return int(lib.pglf_ring_max_payload(self._ptr))
+
+    @property
+    def used(self) -> int:
+        return int(lib.pglf_ring_used(self._ptr))
+
+    @property
+    def closed(self) -> bool:
+        return bool(lib.pglf_ring_closed(self._ptr))
+
+    def close(self) -> None:
+        """Mark the ring closed and wake every sleeping consumer (idempotent)."""
+        lib.pglf_ring_close(self._ptr)
+
+    def stats(self) -> tuple[int, int, int, int]:
+        """``(written, delivered, dropped, markers)`` counters."""
+        p = self._ptr
+        return (
+            int(lib.pglf_ring_stat_written(p)),
+            int(lib.pglf_ring_stat_delivered(p)),
+            int(lib.pglf_ring_stat_dropped(p)),
+            int(lib.pglf_ring_stat_markers(p)),
+        )
+
+    # -- producer ------------------------------------------------------
+    def write(
+        self,
+        payload: bytes,
+        *,
+        kind: int = KIND_NOTIFY,
+        reason: int = 0,
+        chan: int = 0,
+        pid: int = 0,
+        reserve: int = 0,
+    ) -> int:
+        """Append one record; returns ``OK``, ``FULL`` or ``E2BIG``."""
+        return int(
+            lib.pglf_ring_write(
+                self._ptr, kind, reason, chan, pid, payload, len(payload), reserve
+            )
+        )
+
+    def write_or_raise(self, payload: bytes, **kw: int) -> None:
+        """Like :meth:`write`, raising :class:`RingFull` or :class:`ValueError`."""
+        rc = self.write(payload, **kw)
+        if rc == FULL:
+            raise RingFull
+        if rc == E2BIG:
+            raise ValueError(
+                f"record of {len(payload)} bytes exceeds this ring's maximum "
+                f"payload of {self.max_payload} bytes"
+            )
+
+    def free_bytes(self) -> int:
+        return int(lib.pglf_ring_free_bytes(self._ptr))
+
+    def wake_consumer(self) -> bool:
+        """Signal the consumer if it sleeps; call after a batch of writes."""
+        return bool(lib.pglf_ring_wake_consumer(self._ptr))
+
+    def producer_wait_arm(self, need: int) -> bool:
+        """True if ``need`` bytes are free now; else the consumer will signal."""
+        return bool(lib.pglf_ring_producer_wait_arm(self._ptr, need))
+
+    # -- consumer ------------------------------------------------------
+    def drain(
+        self, channels: tuple[str, ...], max_items: int, encoding: str | None = None
+    ) -> list[Notification]:
+        """Consume up to ``max_items`` records as :class:`Notification` objects."""
+        return _drain_notifications(self.address, channels, max_items, encoding)
+
+    def drain_raw(self, max_records: int, out_cap: int = 1 << 20) -> list[RawRecord]:
+        """Consume up to ``max_records`` records as :class:`RawRecord` tuples."""
+        if self._out is None or len(ffi.buffer(self._out)) < out_cap:
+            self._out = ffi.new("char[]", out_cap)
+        used = ffi.new("size_t *")
+        n = lib.pglf_ring_drain(self._ptr, self._out, out_cap, max_records, used)
+        buf = ffi.buffer(self._out, used[0])[:]
+        out: list[RawRecord] = []
+        off = 0
+        hdr = ffi.cast("pglf_rec *", self._out)
+        for _ in range(n):
+            h = ffi.cast("pglf_rec *", ffi.cast("char *", hdr) + off)
+            length = int(h.len)
+            start = off + REC_HDR
+            out.append(
+                RawRecord(
+                    int(h.kind), int(h.reason), int(h.chan), int(h.pid),
+                    buf[start : start + length],
+                )
+            )
+            off += (REC_HDR + length + 7) & ~7
+        return out
+
+    def wait(self, timeout: float | None) -> int:
+        """Sleep (GIL released) until records arrive, close, or ``timeout``.
+
+        Returns ``READY``, ``CLOSED``, ``TIMEOUT`` or ``EINTR``.
+        """
+        ms = -1 if timeout is None else max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
+        return int(lib.pglf_ring_wait(self._ptr, ms))
+
+    def consumer_wait_arm(self) -> bool:
+        """Announce a sleep; True means records (or close) are already there."""
+        return bool(lib.pglf_ring_consumer_wait_arm(self._ptr))
+
+    def consumer_wait_disarm(self) -> None:
+        lib.pglf_ring_consumer_wait_disarm(self._ptr)

@@ -1,0 +1,393 @@
+"""Listener: one dedicated PostgreSQL connection, many subscriptions.
+
+A Listener owns one connection and one background thread (the selector
+thread).  ``listen()`` returns a :class:`~pglisten_fast.Subscription` at
+once; LISTEN takes effect asynchronously and each channel's first item is a
+``reason="listen"`` marker saying so.  After a reconnect every channel gets
+a ``reason="reconnect"`` marker before any new notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from . import _engine
+from ._names import check_channel
+from ._pglf import lib
+from ._records import Notification
+from ._ring import MIN_CAPACITY, Ring, WakeFd, round_capacity
+from .errors import Closed, ConnectError
+from .subscription import Overflow, Subscription
+
+__all__ = ["Listener", "ListenerStats", "start_listener"]
+
+logger = logging.getLogger("pglisten_fast")
+
+_OVERFLOW_POLICIES = ("drop", "block")
+_KEEPALIVE_KEYS = ("keepalives", "keepalives_idle", "keepalives_interval",
+                   "keepalives_count")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStats:
+    """Snapshot of a listener's counters."""
+
+    #: Successful connections (the first one included).
+    connects: int
+    #: Connections re-established after a loss.
+    reconnects: int
+    #: Notifications read from the server.
+    received: int
+    #: Markers queued into subscriptions.
+    markers: int
+    #: Notifications dropped by full ``overflow="drop"`` subscriptions.
+    dropped: int
+    #: The last connection error, or None.
+    last_error: str | None
+
+
+def _positive(name: str, value: float, *, zero_ok: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if math.isnan(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{name} must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+    return float(value)
+
+
+def _check_overflow(value: object) -> Overflow:
+    if value not in _OVERFLOW_POLICIES:
+        raise ValueError(f"overflow must be 'drop' or 'block', got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+class Listener:
+    """LISTEN on a dedicated connection and hand notifications to subscriptions.
+
+    :param conninfo: libpq connection string or URL; ``""`` uses the libpq
+        environment defaults (``PGHOST``, ``PGDATABASE``...).
+    :param pool: a ``psycopg_pool.ConnectionPool`` to take the connection
+        from (it is closed and given back when lost or on stop).
+    :param connect: a callable returning a new ``psycopg.Connection``.
+    :param connect_timeout: seconds allowed for each connection attempt
+        (libpq's own ``connect_timeout`` in ``conninfo`` takes precedence).
+    :param reconnect_delay: first retry delay in seconds; doubles on each
+        failure up to ``max_reconnect_delay``, with +/-20 % jitter.
+    :param health_check_interval: idle seconds before a ping; 0 disables.
+    :param health_check_timeout: a ping (or LISTEN) unanswered for this long
+        means the connection is dead.
+    :param buffer_size: default ring size in bytes of each subscription
+        (rounded up to a power of two, at least 64 KiB).
+    :param overflow: default policy for full buffers: ``"drop"`` loses new
+        notifications and queues an ``"overflow"`` marker with the count;
+        ``"block"`` stops reading the socket until the consumer catches up
+        (which stalls every subscription of this listener and lets the
+        backlog grow in the server's notification queue).
+
+    ``conninfo``, ``pool`` and ``connect`` are mutually exclusive.
+    """
+
+    def __init__(
+        self,
+        conninfo: str = "",
+        *,
+        pool: Any = None,
+        connect: Callable[[], psycopg.Connection[Any]] | None = None,
+        connect_timeout: float = 10.0,
+        reconnect_delay: float = 0.5,
+        max_reconnect_delay: float = 30.0,
+        health_check_interval: float = 10.0,
+        health_check_timeout: float = 5.0,
+        buffer_size: int = 16 * 2**20,
+        overflow: Overflow = "drop",
+    ) -> None:
+        if not isinstance(conninfo, str):
+            raise TypeError(f"conninfo must be a str, got {type(conninfo).__name__}")
+        sources = sum(1 for s in (conninfo, pool, connect) if s)
+        if sources > 1:
+            raise TypeError("conninfo, pool and connect are mutually exclusive")
+        if connect is not None and not callable(connect):
+            raise TypeError("connect must be a callable returning a psycopg.Connection")
+        if pool is not None and not hasattr(pool, "getconn"):
+            raise TypeError("pool must be a psycopg_pool.ConnectionPool")
+        self._connect_timeout = _positive("connect_timeout", connect_timeout)
+        reconnect_delay = _positive("reconnect_delay", reconnect_delay)
+        max_reconnect_delay = _positive("max_reconnect_delay", max_reconnect_delay)
+        if max_reconnect_delay < reconnect_delay:
+            raise ValueError("max_reconnect_delay must be >= reconnect_delay")
+        hc_interval = _positive("health_check_interval", health_check_interval,
+                                zero_ok=True)
+        hc_timeout = _positive("health_check_timeout", health_check_timeout)
+        self._buffer_size = round_capacity(buffer_size)
+        self._overflow = _check_overflow(overflow)
+
+        connector, release = self._connection_source(conninfo, pool, connect)
+        self._lock = threading.Lock()
+        self._state = "new"               # new -> running -> stopped
+        self._wake = WakeFd()
+        self._first = threading.Event()
+        self._first_error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        #: Python codec of the connection's client encoding; None = UTF-8.
+        self._encoding: str | None = None
+
+        self._connected = False
+        self._backend_pid: int | None = None
+        self._channels: frozenset[str] = frozenset()
+        self._connects = 0
+        self._reconnects = 0
+        self._last_error: str | None = None
+
+        self._engine = _engine.Engine(
+            connector=connector,
+            release=release,
+            connect_timeout=self._connect_timeout,
+            reconnect_delay=reconnect_delay,
+            max_reconnect_delay=max_reconnect_delay,
+            health_check_interval=hc_interval,
+            health_check_timeout=hc_timeout,
+            wake=self._wake,
+            publish=self._publish,
+            on_first_attempt=self._on_first_attempt,
+        )
+
+    # -- connection sources --------------------------------------------------
+    def _connection_source(
+        self,
+        conninfo: str,
+        pool: Any,
+        connect: Callable[[], psycopg.Connection[Any]] | None,
+    ) -> tuple[_engine.Connector, Callable[[Any], None]]:
+        timeout = self._connect_timeout
+        if pool is not None:
+            def from_pool() -> psycopg.Connection[Any]:
+                conn: psycopg.Connection[Any] = pool.getconn(timeout=timeout)
+                return conn
+
+            def give_back(conn: Any) -> None:
+                # Closed first: a connection that ran LISTEN must not be reused.
+                conn.close()
+                pool.putconn(conn)
+
+            return from_pool, give_back
+        if connect is not None:
+            return connect, _close
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.ProgrammingError as e:
+            raise ValueError(f"invalid conninfo: {e}") from e
+        extra: dict[str, Any] = {}
+        if "connect_timeout" not in params:
+            # libpq takes whole seconds (and treats 1 as 2).
+            extra["connect_timeout"] = max(2, math.ceil(timeout))
+        if not any(k in params for k in _KEEPALIVE_KEYS):
+            # Let the kernel notice dead peers too; health checks do the rest.
+            extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
+                         keepalives_count=3)
+
+        def open_conn() -> psycopg.Connection[Any]:
+            return psycopg.Connection.connect(conninfo, autocommit=True, **extra)
+
+        return open_conn, _close
+
+    # -- engine callbacks (selector thread) -----------------------------------
+    def _publish(
+        self,
+        *,
+        connected: bool | None = None,
+        backend_pid: int | None | bool = False,
+        channels: frozenset[str] | None = None,
+        last_error: str | None = None,
+        connect: bool = False,
+        reconnect: bool = False,
+    ) -> None:
+        with self._lock:
+            if connected is not None:
+                self._connected = connected
+                enc = self._engine.encoding
+                self._encoding = None if enc in ("utf-8", "utf8") else enc
+            if backend_pid is not False:
+                self._backend_pid = backend_pid  # type: ignore[assignment]
+            if channels is not None:
+                self._channels = channels
+            if last_error is not None:
+                self._last_error = last_error
+            if connect:
+                self._connects += 1
+            if reconnect:
+                self._reconnects += 1
+
+    def _on_first_attempt(self, err: BaseException | None) -> None:
+        self._first_error = err
+        self._first.set()
+
+    # -- life cycle ----------------------------------------------------------
+    def start(self, wait: bool = True) -> Listener:
+        """Start the selector thread.
+
+        :param wait: connect synchronously (and LISTEN what was already
+            requested is sent right after); raise :class:`ConnectError` if the
+            first attempt fails, leaving the listener stopped.  With
+            ``wait=False`` return at once and keep retrying in the background.
+        :raises Closed: the listener was stopped.
+        """
+        with self._lock:
+            if self._state == "stopped":
+                raise Closed("the listener is stopped")
+            if self._state == "running":
+                return self
+            self._state = "running"
+            self._thread = threading.Thread(
+                target=self._engine.run, name="pglisten-fast-selector", daemon=True
+            )
+            self._thread.start()
+        if wait:
+            self._first.wait()
+            err = self._first_error
+            if err is not None:
+                self.stop()
+                raise ConnectError(f"cannot connect to PostgreSQL: "
+                                   f"{_engine._describe(err)}") from err
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop listening, close the connection and every subscription.
+
+        Idempotent.  Waits at most ``timeout`` seconds for the selector thread
+        (None: until it ends, about a second at most); never raises for a
+        slow server.  Consumers blocked in ``get`` wake up and, once they have
+        drained what is buffered, get :class:`Closed`.
+        """
+        with self._lock:
+            previous = self._state
+            self._state = "stopped"
+        if previous != "stopped":
+            self._engine.stopping = True
+            self._wake.signal()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if previous == "new":
+            self._engine.run_teardown_only()
+        self._first.set()
+
+    def __enter__(self) -> Listener:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = self._state
+        if state == "running":
+            state = f"connected pid={self._backend_pid}" if self._connected \
+                else "disconnected"
+        return f"<Listener {state} channels={len(self._channels)}>"
+
+    # -- subscriptions -------------------------------------------------------
+    def listen(
+        self,
+        *channels: str,
+        buffer_size: int | None = None,
+        overflow: Overflow | None = None,
+        handler: Callable[[Notification], object] | None = None,
+    ) -> Subscription:
+        """Subscribe to one or more channels; returns at once.
+
+        :param channels: channel names, used verbatim (case and spaces kept);
+            a name repeated in one call counts once.
+        :param buffer_size: ring size in bytes (default: the listener's).
+        :param overflow: ``"drop"`` or ``"block"`` (default: the listener's).
+        :param handler: if given, ``handler(notification)`` runs for every item
+            (markers included) on a worker thread of this subscription;
+            exceptions are logged and the worker keeps going.
+        :raises ValueError: no channel, an empty/over-long/NUL-containing name,
+            or an unknown overflow policy.
+        :raises TypeError: a name is not a ``str``.
+        :raises Closed: the listener was stopped.
+        """
+        if not channels:
+            raise ValueError("listen() needs at least one channel")
+        names = tuple(dict.fromkeys(check_channel(c) for c in channels))
+        size = self._buffer_size if buffer_size is None else round_capacity(buffer_size)
+        policy = self._overflow if overflow is None else _check_overflow(overflow)
+        if handler is not None and not callable(handler):
+            raise TypeError("handler must be callable")
+        ring = Ring(max(size, MIN_CAPACITY), producer_wfd=self._wake.wfd)
+        sub = Subscription(self, names, ring, policy)
+        with self._lock:
+            if self._state == "stopped":
+                raise Closed("the listener is stopped")
+            self._engine.commands.append(("add", sub))
+        self._wake.signal()
+        if handler is not None:
+            sub._start_handler(handler)
+        return sub
+
+    def _remove(self, sub: Subscription) -> None:
+        with self._lock:
+            if self._state == "stopped":
+                return
+            self._engine.commands.append(("remove", sub))
+        self._wake.signal()
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """True while a connection is established and usable."""
+        return self._connected
+
+    @property
+    def backend_pid(self) -> int | None:
+        """Process id of the listening backend, or None while disconnected."""
+        return self._backend_pid
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """Channels LISTENed on the current connection (confirmed by the server)."""
+        return self._channels
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._state == "running"
+
+    @property
+    def stats(self) -> ListenerStats:
+        """A :class:`ListenerStats` snapshot."""
+        router = self._engine.router
+        with self._lock:
+            return ListenerStats(
+                connects=self._connects,
+                reconnects=self._reconnects,
+                received=int(lib.pglf_router_received(router)),
+                markers=int(lib.pglf_router_markers(router)),
+                dropped=int(lib.pglf_router_dropped(router)),
+                last_error=self._last_error,
+            )
+
+
+def _close(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # pragma: no cover - closing a broken connection
+        logger.debug("error closing a connection", exc_info=True)
+
+
+def start_listener(conninfo: str = "", **kwargs: Any) -> Listener:
+    """Create and start a :class:`Listener` (``Listener(...).start()``)."""
+    wait = kwargs.pop("wait", True)
+    return Listener(conninfo, **kwargs).start(wait=wait)

@@ -1,0 +1,366 @@
+"""Subscription: the consumer's handle on one or more channels.
+
+A subscription owns a ring buffer that the Listener's selector thread fills
+(in C, without the GIL) and that consumers read from: ``get``, ``get_batch``,
+iteration, and their asyncio forms.  Several threads or tasks may consume one
+subscription; each notification goes to exactly one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
+
+from ._records import Notification
+from ._ring import CLOSED, EINTR, TIMEOUT, Ring
+from .errors import Closed, Empty
+
+if TYPE_CHECKING:
+    from .listener import Listener
+
+__all__ = ["Overflow", "Subscription", "SubscriptionStats"]
+
+logger = logging.getLogger("pglisten_fast")
+
+Overflow = Literal["drop", "block"]
+
+# A blocked main thread wakes this often so that Ctrl-C is handled promptly
+# (signals are delivered to whichever thread the kernel picks).
+_MAIN_THREAD_SLICE = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStats:
+    """Snapshot of a subscription's counters."""
+
+    #: Notifications handed to consumers (markers excluded).
+    delivered: int
+    #: Notifications lost because the buffer was full (``overflow="drop"``).
+    dropped: int
+    #: Markers queued for this subscription.
+    markers: int
+    #: Bytes currently buffered in the ring.
+    buffered_bytes: int
+
+
+class Subscription:
+    """Notifications of one or more channels, in server order.
+
+    Created by :meth:`Listener.listen`; not instantiated directly.  Every
+    method may be called from any thread.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_channels",
+        "_closed",
+        "_handler_thread",
+        "_listener",
+        "_lock",
+        "_overflow",
+        "_pending",
+        "_ring",
+    )
+
+    def __init__(
+        self,
+        listener: Listener,
+        channels: tuple[str, ...],
+        ring: Ring,
+        overflow: Overflow,
+    ) -> None:
+        self._listener = listener
+        self._channels = channels
+        self._ring = ring
+        self._overflow: Overflow = overflow
+        # Serialises consumers: the ring has a single consumer side.
+        self._lock = threading.Lock()
+        # Items taken from the ring but not yet handed out (iteration).
+        self._pending: deque[Notification] = deque()
+        self._closed = False
+        self._handler_thread: threading.Thread | None = None
+
+    # -- properties ------------------------------------------------------
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The channels of this subscription, in the order given to ``listen``."""
+        return self._channels
+
+    @property
+    def overflow(self) -> Overflow:
+        """The overflow policy: ``"drop"`` or ``"block"``."""
+        return self._overflow
+
+    @property
+    def buffer_size(self) -> int:
+        """Capacity of the ring buffer in bytes."""
+        return self._ring.capacity
+
+    @property
+    def closed(self) -> bool:
+        """True once ``unlisten``/``close`` or the listener's ``stop`` ran."""
+        return self._closed
+
+    @property
+    def stats(self) -> SubscriptionStats:
+        """A :class:`SubscriptionStats` snapshot."""
+        _written, delivered, dropped, markers = self._ring.stats()
+        pending = sum(1 for n in tuple(self._pending) if not n.connection_reset)
+        return SubscriptionStats(
+            delivered=delivered - pending,
+            dropped=dropped,
+            markers=markers,
+            buffered_bytes=self._ring.used,
+        )
+
+    def fileno(self) -> int:
+        """The wake-up fd: readable when a sleeping consumer should look again."""
+        return self._ring.wake.rfd
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<Subscription channels={self._channels!r} overflow={self._overflow!r} "
+            f"buffer_size={self._ring.capacity} {state}>"
+        )
+
+    # -- consuming ---------------------------------------------------------
+    def _take(self, max_items: int) -> list[Notification]:
+        """Take up to ``max_items`` ready items.  Caller holds ``_lock``."""
+        pending = self._pending
+        if pending:
+            if len(pending) <= max_items:
+                out = list(pending)
+                pending.clear()
+            else:
+                out = [pending.popleft() for _ in range(max_items)]
+            if len(out) < max_items:
+                out += self._ring.drain(
+                    self._channels, max_items - len(out), self._listener._encoding
+                )
+            return out
+        return self._ring.drain(self._channels, max_items, self._listener._encoding)
+
+    def _get_many(self, max_items: int, timeout: float | None) -> list[Notification]:
+        """Wait up to ``timeout`` for the first item, then take what is ready.
+
+        Returns ``[]`` on timeout; raises :class:`Closed` when closed and empty.
+        """
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or >= 0")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            return []
+        try:
+            main = threading.current_thread() is threading.main_thread()
+            while True:
+                items = self._take(max_items)
+                if items:
+                    return items
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    if self._ring.closed:
+                        raise Closed(f"subscription {self._channels!r} is closed")
+                    return []
+                if main and (left is None or left > _MAIN_THREAD_SLICE):
+                    left = _MAIN_THREAD_SLICE
+                rc = self._ring.wait(left)
+                if rc == CLOSED:
+                    # Records may still have arrived before the close.
+                    items = self._take(max_items)
+                    if items:
+                        return items
+                    raise Closed(f"subscription {self._channels!r} is closed")
+                if rc in (TIMEOUT, EINTR):
+                    continue  # re-check the deadline; lets signal handlers run
+        finally:
+            self._lock.release()
+
+    def get(self, timeout: float | None = None) -> Notification:
+        """Return the next notification or marker.
+
+        :param timeout: seconds to wait; None waits until one arrives.
+        :raises Empty: nothing arrived within ``timeout``.
+        :raises Closed: the subscription is closed and fully drained.
+        """
+        items = self._get_many(1, timeout)
+        if not items:
+            raise Empty(f"no notification within {timeout} s")
+        return items[0]
+
+    def get_nowait(self) -> Notification:
+        """Return the next buffered item without waiting.
+
+        :raises Empty: nothing is buffered.
+        :raises Closed: the subscription is closed and fully drained.
+        """
+        return self.get(timeout=0)
+
+    def get_batch(
+        self, max_items: int = 1024, timeout: float | None = None
+    ) -> list[Notification]:
+        """Wait up to ``timeout`` for the first item, then return what is buffered.
+
+        :param max_items: upper bound on the batch length (>= 1).
+        :param timeout: seconds to wait for the first item; None waits forever.
+        :returns: between 1 and ``max_items`` items, or ``[]`` on timeout.
+        :raises Closed: the subscription is closed and fully drained.
+        """
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be a positive int, got {max_items!r}")
+        return self._get_many(max_items, timeout)
+
+    def __iter__(self) -> Iterator[Notification]:
+        """Yield items as they arrive; ends once closed and drained."""
+        while True:
+            with self._lock:
+                if self._pending:
+                    item: Notification | None = self._pending.popleft()
+                else:
+                    item = None
+            if item is not None:
+                yield item
+                continue
+            try:
+                batch = self._get_many(256, None)
+            except Closed:
+                return
+            if len(batch) > 1:
+                # Keep the rest in the subscription, not in this generator:
+                # an abandoned iterator must not lose anything.
+                with self._lock:
+                    self._pending.extendleft(reversed(batch[1:]))
+            yield batch[0]
+
+    # -- asyncio -----------------------------------------------------------
+    async def _get_many_async(
+        self, max_items: int, timeout: float | None
+    ) -> list[Notification]:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        ring = self._ring
+        fd = ring.wake.rfd
+        while True:
+            # Never block the event loop on the consumer lock: a thread that
+            # holds it is taking items, so we simply look again when woken.
+            if self._lock.acquire(blocking=False):
+                try:
+                    items = self._take(max_items)
+                    if items:
+                        return items
+                    if ring.closed:
+                        raise Closed(f"subscription {self._channels!r} is closed")
+                    if ring.consumer_wait_arm():
+                        continue  # records (or a close) arrived meanwhile
+                finally:
+                    self._lock.release()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                ring.consumer_wait_disarm()
+                return []
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def _ready(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            loop.add_reader(fd, _ready)
+            try:
+                if left is None:
+                    await fut
+                else:
+                    await asyncio.wait_for(fut, left)
+            except asyncio.TimeoutError:
+                ring.consumer_wait_disarm()
+                return []
+            except BaseException:
+                ring.consumer_wait_disarm()
+                raise
+            finally:
+                loop.remove_reader(fd)
+            if not ring.closed:
+                ring.wake.clear()
+
+    async def get_async(self, timeout: float | None = None) -> Notification:
+        """Asyncio form of :meth:`get`; cancelling it loses nothing."""
+        items = await self._get_many_async(1, timeout)
+        if not items:
+            raise Empty(f"no notification within {timeout} s")
+        return items[0]
+
+    async def get_batch_async(
+        self, max_items: int = 1024, timeout: float | None = None
+    ) -> list[Notification]:
+        """Asyncio form of :meth:`get_batch`."""
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be a positive int, got {max_items!r}")
+        return await self._get_many_async(max_items, timeout)
+
+    def __aiter__(self) -> AsyncIterator[Notification]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Notification]:
+        while True:
+            try:
+                batch = await self._get_many_async(256, None)
+            except Closed:
+                return
+            if len(batch) > 1:
+                with self._lock:
+                    self._pending.extendleft(reversed(batch[1:]))
+            yield batch[0]
+            while True:
+                with self._lock:
+                    if not self._pending:
+                        break
+                    item = self._pending.popleft()
+                yield item
+
+    # -- lifecycle ---------------------------------------------------------
+    def unlisten(self) -> None:
+        """Stop receiving; idempotent.  Buffered items can still be read."""
+        if self._closed:
+            return
+        self._closed = True
+        self._ring.close()
+        self._listener._remove(self)
+
+    close = unlisten
+
+    def _closed_by_listener(self) -> None:
+        self._closed = True
+        self._ring.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.unlisten()
+
+    # -- handler -------------------------------------------------------------
+    def _start_handler(self, handler: Callable[[Notification], object]) -> None:
+        def run() -> None:
+            for n in self:
+                try:
+                    handler(n)
+                except Exception:
+                    logger.exception(
+                        "handler %r raised on %r; it keeps running", handler, n
+                    )
+
+        name = f"pglisten-fast-handler-{','.join(self._channels)[:40]}"
+        t = threading.Thread(target=run, name=name, daemon=True)
+        self._handler_thread = t
+        t.start()
