@@ -45,7 +45,7 @@ static PyObject *notification_new(PyTypeObject *type, PyObject *args,
     PyObject *channel, *payload = NULL, *reason = Py_None;
     int pid = 0, reset = 0;
     long long dropped = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|Uip$OL:Notification", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|UipOL:Notification", kwlist,
                                      &channel, &payload, &pid, &reset, &reason,
                                      &dropped))
         return NULL;
@@ -177,7 +177,7 @@ static PyMethodDef notification_methods[] = {
     {NULL}};
 
 PyDoc_STRVAR(notification_doc,
-             "Notification(channel, payload='', pid=0, connection_reset=False, *, "
+             "Notification(channel, payload='', pid=0, connection_reset=False, "
              "reason=None, dropped=0)\n--\n\n"
              "One notification received on a channel, or a marker.\n\n"
              "Immutable.  A marker (connection_reset=True) says that "
@@ -328,6 +328,15 @@ PyMODINIT_FUNC PyInit__records(void)
 {
     if (PyType_Ready(&NotificationType) < 0)
         return NULL;
+    PyObject *match_args = Py_BuildValue("(sss)", "channel", "payload", "pid");
+    if (match_args == NULL ||
+        PyDict_SetItemString(NotificationType.tp_dict, "__match_args__",
+                             match_args) < 0) {
+        Py_XDECREF(match_args);
+        return NULL;
+    }
+    Py_DECREF(match_args);
+    PyType_Modified(&NotificationType);
     str_listen = PyUnicode_InternFromString("listen");
     str_reconnect = PyUnicode_InternFromString("reconnect");
     str_overflow = PyUnicode_InternFromString("overflow");

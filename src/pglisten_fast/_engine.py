@@ -18,6 +18,7 @@ Connection life cycle::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import select
@@ -406,7 +407,9 @@ class Engine:
             except psycopg.OperationalError:
                 return RUN_ERROR
             blocked = lib.pglf_router_blocked(self.router)
-            events = (0 if blocked else select.POLLIN) | (select.POLLOUT if pending else 0)
+            events = (0 if blocked else select.POLLIN) | (
+                select.POLLOUT if pending else 0
+            )
             self.poller.modify(self.sock, events)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -437,12 +440,7 @@ class Engine:
                 self._process_commands()
                 if self.stopping:
                     return
-                if lib.pglf_router_blocked(self.router) or lib.pglf_router_owing(
-                        self.router):
-                    if lib.pglf_router_flush(self.router) == 0 and \
-                            lib.pglf_router_blocked(self.router) == 0:
-                        self.blocked_logged = False
-                        nxt |= self._pump()  # resume reading what libpq holds
+                nxt |= self._flush_router()
             if flags & RUN_BLOCKED and not self.blocked_logged:
                 self.blocked_logged = True
                 logger.info("a subscription with overflow='block' is "
@@ -452,6 +450,22 @@ class Engine:
             if flags & RUN_TIMEOUT:
                 self._timeout()
             flags = nxt
+
+    def _flush_router(self) -> int:
+        """Pay owed markers and retry a kept-aside notification after a wake-up.
+
+        Returns pump flags: once unblocked, what libpq already holds is read.
+        """
+        router = self.router
+        if not (lib.pglf_router_blocked(router) or lib.pglf_router_owing(router)):
+            return 0
+        was_blocked = lib.pglf_router_blocked(router)
+        if lib.pglf_router_flush(router) == BLOCKED:
+            return 0
+        if was_blocked:
+            self.blocked_logged = False
+            return self._pump()
+        return 0
 
     def _timeout(self) -> None:
         q = self.query
@@ -563,10 +577,8 @@ class Engine:
             return
         if self.poller is not None:
             # Unregister before the fd is closed (a closed fd can hang epoll).
-            try:
+            with contextlib.suppress(KeyError, ValueError, OSError):
                 self.poller.unregister(self.sock)
-            except (KeyError, ValueError, OSError):
-                pass
             self.poller = None
         self.conn = None
         self.pgconn = None
@@ -587,8 +599,7 @@ class Engine:
         lived = time.monotonic() - self.connected_at if was_connected else 0.0
         ready = self.ready
         self._close_conn()
-        self.publish(connected=False, backend_pid=None, channels=frozenset(),
-                     last_error=reason)
+        self.publish(connected=False, channels=frozenset(), last_error=reason)
         if self.stopping:
             return
         if not ready:
@@ -614,10 +625,10 @@ class Engine:
         finally:
             for rec in list(self.subs.values()):
                 rec.sub._closed_by_listener()
-            for sub, _ in list(self.commands):
+            for _op, sub in list(self.commands):
                 sub._closed_by_listener()
             self.commands.clear()
-            self.publish(connected=False, backend_pid=None, channels=frozenset())
+            self.publish(connected=False, channels=frozenset())
 
 
 def _text(msg: bytes | str | None) -> str:

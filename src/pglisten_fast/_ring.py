@@ -250,7 +250,10 @@ class Ring:
 
         Returns ``READY``, ``CLOSED``, ``TIMEOUT`` or ``EINTR``.
         """
-        ms = -1 if timeout is None else max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
+        if timeout is None:
+            ms = -1
+        else:
+            ms = max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
         return int(lib.pglf_ring_wait(self._ptr, ms))
 
     def consumer_wait_arm(self) -> bool:

@@ -203,7 +203,7 @@ class Listener:
         self,
         *,
         connected: bool | None = None,
-        backend_pid: int | None | bool = False,
+        backend_pid: int | None = None,
         channels: frozenset[str] | None = None,
         last_error: str | None = None,
         connect: bool = False,
@@ -212,10 +212,9 @@ class Listener:
         with self._lock:
             if connected is not None:
                 self._connected = connected
+                self._backend_pid = backend_pid if connected else None
                 enc = self._engine.encoding
                 self._encoding = None if enc in ("utf-8", "utf8") else enc
-            if backend_pid is not False:
-                self._backend_pid = backend_pid  # type: ignore[assignment]
             if channels is not None:
                 self._channels = channels
             if last_error is not None:

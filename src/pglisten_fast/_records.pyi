@@ -1,0 +1,47 @@
+"""Type stub of the C extension ``pglisten_fast._records`` (csrc/pglf_records.c)."""
+
+from typing import Final, final
+
+@final
+class Notification:
+    """One notification received on a channel, or a marker (immutable)."""
+
+    __match_args__: Final = ("channel", "payload", "pid")
+
+    @property
+    def channel(self) -> str:
+        """Channel the notification was sent on."""
+    @property
+    def payload(self) -> str:
+        """Payload decoded with the client encoding; "" on markers."""
+    @property
+    def pid(self) -> int:
+        """Process id of the sending backend; 0 on markers."""
+    @property
+    def connection_reset(self) -> bool:
+        """True on markers: state may have been missed; reload it."""
+    @property
+    def reason(self) -> str | None:
+        """"listen", "reconnect" or "overflow" on markers, else None."""
+    @property
+    def dropped(self) -> int:
+        """On overflow markers: notifications lost at this point; else 0."""
+    def __init__(
+        self,
+        channel: str,
+        payload: str = "",
+        pid: int = 0,
+        connection_reset: bool = False,
+        reason: str | None = None,
+        dropped: int = 0,
+    ) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+def drain(
+    ring_address: int,
+    channels: tuple[str, ...],
+    max_items: int,
+    encoding: str | None = None,
+    /,
+) -> list[Notification]: ...
