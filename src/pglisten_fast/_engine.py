@@ -623,12 +623,14 @@ class Engine:
         try:
             self._close_conn()
         finally:
+            # State first, then wake the consumers: whoever sees Closed also
+            # sees a disconnected listener.
+            self.publish(connected=False, channels=frozenset())
             for rec in list(self.subs.values()):
                 rec.sub._closed_by_listener()
             for _op, sub in list(self.commands):
                 sub._closed_by_listener()
             self.commands.clear()
-            self.publish(connected=False, channels=frozenset())
 
 
 def _text(msg: bytes | str | None) -> str:

@@ -1,0 +1,175 @@
+"""asyncio consumption: get_async, get_batch_async, async iteration, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pglisten_fast as pgl
+
+
+@pytest.fixture
+def listener(dsn: str) -> Iterator[pgl.Listener]:
+    with pgl.Listener(dsn, reconnect_delay=0.05) as lst:
+        yield lst
+
+
+def _listen_ready(listener: pgl.Listener, *channels: str) -> pgl.Subscription:
+    sub = listener.listen(*channels)
+    for ch in channels:
+        marker = sub.get(timeout=10)
+        assert marker.connection_reset and marker.reason == "listen"
+        assert marker.channel == ch
+    return sub
+
+
+def test_get_async_receives_in_order(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    sub = _listen_ready(listener, "a_order")
+
+    async def main() -> list[str]:
+        # Send from a thread while the coroutine waits: the wake-up must come
+        # through the event loop's reader on the subscription's fd.
+        def send() -> None:
+            pgl.notify_many(conn, "a_order", [str(i) for i in range(100)])
+
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, send)
+        got = [(await sub.get_async(timeout=10)).payload for _ in range(100)]
+        await fut
+        return got
+
+    assert asyncio.run(main()) == [str(i) for i in range(100)]
+
+
+def test_get_async_timeout_raises_empty(listener: pgl.Listener) -> None:
+    sub = _listen_ready(listener, "a_empty")
+
+    async def main() -> None:
+        with pytest.raises(pgl.Empty):
+            await sub.get_async(timeout=0.05)
+        assert await sub.get_batch_async(timeout=0.05) == []
+
+    asyncio.run(main())
+
+
+def test_get_batch_async(listener: pgl.Listener, conn: psycopg.Connection[Any]) -> None:
+    sub = _listen_ready(listener, "a_batch")
+    with conn.transaction():
+        pgl.notify_many(conn, "a_batch", [str(i) for i in range(5000)])
+
+    async def main() -> list[str]:
+        out: list[str] = []
+        while len(out) < 5000:
+            batch = await sub.get_batch_async(max_items=700, timeout=10)
+            assert 0 < len(batch) <= 700
+            out += [n.payload for n in batch]
+        return out
+
+    assert asyncio.run(main()) == [str(i) for i in range(5000)]
+
+
+def test_async_for_ends_after_unlisten(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    sub = _listen_ready(listener, "a_iter")
+    pgl.notify_many(conn, "a_iter", ["x", "y", "z"])
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        async for n in sub:
+            seen.append(n.payload)
+            if len(seen) == 3:
+                # Closing from inside the loop: buffered items are still
+                # returned, then iteration ends.
+                sub.unlisten()
+        return seen
+
+    assert asyncio.run(main()) == ["x", "y", "z"]
+
+
+def test_cancelled_waiter_leaves_subscription_usable(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    sub = _listen_ready(listener, "a_cancel")
+
+    async def main() -> str:
+        task = asyncio.create_task(sub.get_async())
+        await asyncio.sleep(0)  # let it register its reader
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        pgl.notify(conn, "a_cancel", "after-cancel")
+        return (await sub.get_async(timeout=10)).payload
+
+    assert asyncio.run(main()) == "after-cancel"
+    # And the blocking API still works on the same subscription.
+    pgl.notify(conn, "a_cancel", "sync")
+    assert sub.get(timeout=10).payload == "sync"
+
+
+def test_stop_wakes_async_waiter(dsn: str) -> None:
+    lst = pgl.Listener(dsn).start()
+    sub = _listen_ready(lst, "a_stop")
+
+    async def main() -> None:
+        waiter = asyncio.create_task(sub.get_async())
+        await asyncio.sleep(0)
+        stopper = threading.Thread(target=lst.stop, daemon=True)
+        stopper.start()
+        with pytest.raises(pgl.Closed):
+            await asyncio.wait_for(waiter, 10)
+        assert not lst.connected
+        stopper.join(10)
+
+    asyncio.run(main())
+    assert not lst.connected and lst.backend_pid is None
+
+
+def test_many_tasks_share_one_subscription(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    sub = _listen_ready(listener, "a_share")
+    total = 2000
+
+    async def consumer(out: list[int]) -> None:
+        while True:
+            try:
+                n = await sub.get_async(timeout=2)
+            except pgl.Empty:
+                return
+            out.append(int(n.payload))
+
+    async def main() -> list[list[int]]:
+        outs: list[list[int]] = [[] for _ in range(4)]
+        tasks = [asyncio.create_task(consumer(o)) for o in outs]
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, pgl.notify_many, conn, "a_share", [str(i) for i in range(total)]
+        )
+        await asyncio.gather(*tasks)
+        return outs
+
+    outs = asyncio.run(main())
+    merged = sorted(x for o in outs for x in o)
+    assert merged == list(range(total))  # each exactly once
+    for o in outs:
+        assert o == sorted(o)  # each task sees its share in server order
+
+
+def test_uvloop_if_installed(listener: pgl.Listener, conn: psycopg.Connection[Any]) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    sub = _listen_ready(listener, "a_uv")
+
+    async def main() -> str:
+        pgl.notify(conn, "a_uv", "uv")
+        return (await sub.get_async(timeout=10)).payload
+
+    assert uvloop.run(main()) == "uv"
