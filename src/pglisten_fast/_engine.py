@@ -270,10 +270,6 @@ class Engine:
             else:
                 self.desired.pop(ch, None)
         sub._closed_by_listener()
-        # A full "block" ring of this subscription may have been holding
-        # everything up.
-        if lib.pglf_router_blocked(self.router):
-            lib.pglf_router_flush(self.router)
 
     # ------------------------------------------------------------------
     # disconnected
@@ -373,6 +369,13 @@ class Engine:
         lib.pglf_router_set_busy(self.router, 1)
 
     def _step_connected(self) -> None:
+        # A consumer may have freed space (or a full "block" subscription may
+        # have left) since the last look: settle that before sleeping, since
+        # what libpq already buffered would not wake the poll.
+        flags = self._flush_router()
+        if flags:
+            self._handle(flags)
+            return
         now = time.monotonic()
         q = self.query
         if q is not None:
@@ -517,7 +520,14 @@ class Engine:
             self.server_pid = pid
             self.ready = True
             assert self.pgconn is not None
-            self.publish(connected=True, backend_pid=self.pgconn.backend_pid,
+            if self.pgconn.backend_pid != pid:
+                # The key data came from something other than the backend.
+                logger.warning(
+                    "connected through a connection pooler (client-side pid %d, "
+                    "server backend pid %d): LISTEN only works with session "
+                    "pooling; a LISTEN moved to another session is detected and "
+                    "reported", self.pgconn.backend_pid, pid)
+            self.publish(connected=True, backend_pid=pid,
                          connect=True, reconnect=self.ever_connected)
             self.ever_connected = True
             logger.info("connected (backend pid %d)", pid)
