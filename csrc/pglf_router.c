@@ -399,6 +399,10 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
                    const char *payload, size_t len)
 {
     int rc = PGLF_FULL;
+    /* Closed by its consumer (unlisten): nothing new may appear in it, even
+     * before the selector has processed the removal. */
+    if (pglf_ring_closed(s->ring))
+        return PGLF_OK;
     if (s->owing && pay_debts(r, s))
         goto full;
     if (len > UINT32_MAX) {

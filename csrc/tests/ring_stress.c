@@ -51,6 +51,7 @@
 #define POOL_SIZE ((size_t)1 << 17)
 #define WAIT_MS 10000         /* a wake-up that takes this long was lost */
 #define OUT_CAP (RING_CAP / 2 + 64)
+#define CLOSE_LIMIT_S 60     /* consumer's time to drain after close */
 
 static unsigned char pool[POOL_SIZE];
 static uint32_t crc_table[256];
@@ -356,14 +357,24 @@ static void *consumer_main(void *arg)
     c.expect = malloc(max_payload + 1);
     if (out == NULL || c.expect == NULL)
         die("out of memory");
+    unsigned idle = 0;   /* READY without progress, in a row */
     for (uint64_t iter = 0;; iter++) {
         size_t got = iter & 1 ? consume_with_peek(&c) : consume_with_drain(&c, out);
-        if (got)
+        if (got) {
+            idle = 0;
             continue;
+        }
         sh->consumer_sleeps++;
         int rc = pglf_ring_wait(sh->ring, WAIT_MS);
-        if (rc == PGLF_READY || rc == PGLF_EINTR)
+        if (rc == PGLF_READY || rc == PGLF_EINTR) {
+            /* drain may have been offered too small a buffer, never twice
+             * in a row with peek in between */
+            if (++idle > 1000)
+                die("consumer: wait keeps returning %d but nothing drains "
+                    "(seq %" PRIu64 " next, used %zu)", rc, c.next,
+                    pglf_ring_used(sh->ring));
             continue;
+        }
         if (rc == PGLF_CLOSED)
             break;
         die("consumer: wait returned %d with seq %" PRIu64 " next (used %zu)", rc,
@@ -433,7 +444,14 @@ int main(int argc, char **argv)
         pthread_create(&prod, NULL, producer_main, &sh) != 0)
         die("pthread_create failed");
     pthread_join(prod, NULL);
-    pthread_join(cons, NULL);
+    /* The producer closed the ring: the consumer must finish on its own. */
+    struct timespec limit;
+    clock_gettime(CLOCK_REALTIME, &limit);
+    limit.tv_sec += CLOSE_LIMIT_S;
+    int jrc = pthread_timedjoin_np(cons, NULL, &limit);
+    if (jrc != 0)
+        die("consumer did not finish within %d s after the producer closed the "
+            "ring (%s)", CLOSE_LIMIT_S, strerror(jrc));
     double elapsed = now_s() - t0;
 
     if (pglf_ring_used(r) != 0)
@@ -457,10 +475,10 @@ int main(int argc, char **argv)
 
     printf("ok %" PRIu64 " records (%" PRIu64 " notifications, %" PRIu64
            " markers, %.1f MiB of payload; %" PRIu64 " via drain, %" PRIu64
-           " via peek; producer FULL %" PRIu64 " times, slept %" PRIu64
-           "; consumer slept %" PRIu64 ") in %.2f s\n",
+           " via peek, %" PRIu64 " empty drains; producer FULL %" PRIu64
+           " times, slept %" PRIu64 "; consumer slept %" PRIu64 ") in %.2f s\n",
            n, sh.notifies, sh.markers, (double)sh.bytes / 1048576.0,
-           sh.drained_by_drain, sh.drained_by_peek, sh.full_waits,
+           sh.drained_by_drain, sh.drained_by_peek, sh.zero_drains, sh.full_waits,
            sh.producer_sleeps, sh.consumer_sleeps, elapsed);
     pglf_ring_free(r);
     close(cfd);

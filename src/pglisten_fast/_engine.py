@@ -178,7 +178,6 @@ class Engine:
         self.server_pid: int | None = None
         self.ever_connected = False
         self.blocked_logged = False
-        self.encoding = "utf-8"
 
         self.use_c = _hotpath.IMPL == "c"
 
@@ -225,8 +224,11 @@ class Engine:
         if changed and self.ready and self.query is None:
             self._sync()
 
-    def _encode(self, name: str) -> bytes:
-        return name.encode(self.encoding, "replace")
+    @staticmethod
+    def _encode(name: str) -> bytes:
+        # The connection is switched to UTF-8 (see _connected): every name
+        # is representable and arrives back from the server byte-identical.
+        return name.encode("utf-8", "surrogatepass")
 
     def _add(self, sub: Subscription) -> None:
         if sub in self.subs or sub.closed:
@@ -331,7 +333,6 @@ class Engine:
                 conn.autocommit = True
             pgconn = conn.pgconn
             pgconn.nonblocking = 1
-            self.encoding = conn.info.encoding
             sock = pgconn.socket
         except Exception as e:
             self.release(conn)
@@ -351,8 +352,17 @@ class Engine:
         self.ready = False
         self.server = set()
         self.blocked_logged = False
-        self._send(b"SELECT pg_backend_pid(), pg_is_in_recovery()", _Query(
-            "init", self._query_deadline()))
+        # UTF-8 on this connection whatever the user's default: channel names
+        # in any script can be LISTENed, and payloads decode in C on the
+        # fast path.  The server converts from the database encoding, except
+        # from SQL_ASCII, which has no conversions (and would end the session
+        # on a byte that is not UTF-8): there the bytes come through as they
+        # are, and undecodable ones become U+FFFD.
+        server_enc = pgconn.parameter_status(b"server_encoding")
+        client_enc = b"SQL_ASCII" if server_enc == b"SQL_ASCII" else b"UTF8"
+        self._send(b"SET client_encoding TO '" + client_enc + b"'; "
+                   b"SELECT pg_backend_pid(), pg_is_in_recovery()",
+                   _Query("init", self._query_deadline()))
 
     # ------------------------------------------------------------------
     # connected
@@ -510,7 +520,7 @@ class Engine:
                             "target_session_attrs=read-write)")
             raise _Lost(f"{q.kind} query failed: {msg}")
         if q.kind == "init":
-            row = q.results[0]
+            row = q.results[-1]
             pid = int(row.get_value(0, 0) or b"0")
             in_recovery = (row.get_value(0, 1) or b"f") == b"t"
             if in_recovery:
@@ -543,16 +553,17 @@ class Engine:
                     "transaction-pooling proxy (e.g. PgBouncer pool_mode="
                     "transaction), which cannot keep LISTEN; connect directly or "
                     "use session pooling")
-            for ch in q.unlisten:
-                self.server.discard(ch)
+            self.server.difference_update(q.unlisten)
+            self.server.update(q.listen)
+            # Published before the markers are queued: a consumer that sees
+            # the "listen" marker also sees the channel in listener.channels.
+            self.publish(channels=frozenset(self.server))
             for ch in q.listen:
-                self.server.add(ch)
                 for rec, idx in self.attached.get(ch, ()):
                     if lib.pglf_sub_state(rec.csub, idx) != _ACTIVE_STATE:
                         lib.pglf_sub_activate(self.router, rec.csub, idx,
                                               REASON_RECONNECT)
             lib.pglf_router_wake(self.router)
-            self.publish(channels=frozenset(self.server))
             if q.listen or q.unlisten:
                 logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
                              len(q.listen), len(q.unlisten))

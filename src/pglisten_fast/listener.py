@@ -136,8 +136,6 @@ class Listener:
         self._first = threading.Event()
         self._first_error: BaseException | None = None
         self._thread: threading.Thread | None = None
-        #: Python codec of the connection's client encoding; None = UTF-8.
-        self._encoding: str | None = None
 
         self._connected = False
         self._backend_pid: int | None = None
@@ -213,8 +211,6 @@ class Listener:
             if connected is not None:
                 self._connected = connected
                 self._backend_pid = backend_pid if connected else None
-                enc = self._engine.encoding
-                self._encoding = None if enc in ("utf-8", "utf8") else enc
             if channels is not None:
                 self._channels = channels
             if last_error is not None:

@@ -142,11 +142,9 @@ class Subscription:
             else:
                 out = [pending.popleft() for _ in range(max_items)]
             if len(out) < max_items:
-                out += self._ring.drain(
-                    self._channels, max_items - len(out), self._listener._encoding
-                )
+                out += self._ring.drain(self._channels, max_items - len(out))
             return out
-        return self._ring.drain(self._channels, max_items, self._listener._encoding)
+        return self._ring.drain(self._channels, max_items)
 
     def _get_many(self, max_items: int, timeout: float | None) -> list[Notification]:
         """Wait up to ``timeout`` for the first item, then take what is ready.
