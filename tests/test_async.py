@@ -164,7 +164,9 @@ def test_many_tasks_share_one_subscription(
         assert o == sorted(o)  # each task sees its share in server order
 
 
-def test_uvloop_if_installed(listener: pgl.Listener, conn: psycopg.Connection[Any]) -> None:
+def test_uvloop_if_installed(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
     uvloop = pytest.importorskip("uvloop")
     sub = _listen_ready(listener, "a_uv")
 

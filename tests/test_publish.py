@@ -28,7 +28,9 @@ def _drain(sub: pgl.Subscription, n: int) -> list[str]:
     return out
 
 
-def test_notify_round_trip(sub: pgl.Subscription, conn: psycopg.Connection[Any]) -> None:
+def test_notify_round_trip(
+    sub: pgl.Subscription, conn: psycopg.Connection[Any]
+) -> None:
     pgl.notify(conn, "pub", "hello")
     pgl.notify(conn, "pub")
     n = sub.get(timeout=10)
