@@ -17,6 +17,9 @@
  *   the flag.  At least one of the two sees the other's store, so a wake-up
  *   is never lost.
  */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L   /* posix_memalign, clock_gettime */
+#endif
 #include "pglf_ring.h"
 
 #include <errno.h>
@@ -145,6 +148,8 @@ int pglf_ring_write(pglf_ring *r, uint8_t kind, uint8_t reason, uint32_t chan,
                     int32_t pid, const void *payload, uint32_t len,
                     size_t reserve)
 {
+    if (kind != PGLF_KIND_NOTIFY && kind != PGLF_KIND_MARKER)
+        return PGLF_EINVAL;   /* PAD records are the ring's own business */
     uint64_t size = pglf_rec_size(len);
     if (size > r->capacity / 2)
         return PGLF_E2BIG;
@@ -388,9 +393,10 @@ int pglf_ring_wait(pglf_ring *r, int timeout_ms)
         }
         struct pollfd pfd = {.fd = r->consumer_rfd, .events = POLLIN};
         int rc = poll(&pfd, 1, left);
-        if (rc < 0 && errno == EINTR) {
+        if (rc < 0 || (pfd.revents & (POLLNVAL | POLLERR))) {
+            int eintr = rc < 0 && errno == EINTR;
             pglf_ring_consumer_wait_disarm(r);
-            return PGLF_EINTR;
+            return eintr ? PGLF_EINTR : PGLF_EINVAL;  /* EINVAL: unusable fd */
         }
         if (rc == 0) {
             pglf_ring_consumer_wait_disarm(r);

@@ -96,10 +96,11 @@ size_t pglf_ring_max_payload(const pglf_ring *r);
 size_t pglf_ring_used(const pglf_ring *r);
 
 /*
- * Producer: append one record unless doing so would leave fewer than
- * `reserve` free bytes (markers pass reserve = 0, notifications keep room
- * for markers).  Returns PGLF_OK, PGLF_FULL or PGLF_E2BIG.  The record is
- * visible to the consumer when this returns PGLF_OK.
+ * Producer: append one record of `kind` PGLF_KIND_NOTIFY or
+ * PGLF_KIND_MARKER unless doing so would leave fewer than `reserve` free
+ * bytes (markers pass reserve = 0, notifications keep room for markers).
+ * Returns PGLF_OK, PGLF_FULL, PGLF_E2BIG, or PGLF_EINVAL for another kind.
+ * The record is visible to the consumer when this returns PGLF_OK.
  */
 int pglf_ring_write(pglf_ring *r, uint8_t kind, uint8_t reason, uint32_t chan,
                     int32_t pid, const void *payload, uint32_t len,
@@ -149,18 +150,22 @@ void pglf_ring_consume(pglf_ring *r, uint64_t pos, uint64_t notifications);
  * 0: the producer will signal consumer_fd after its next publication.
  */
 int pglf_ring_consumer_wait_arm(pglf_ring *r);
-/* Consumer: withdraw the announcement and clear a pending fd signal. */
+/*
+ * Consumer: withdraw the announcement.  A signal the producer already sent
+ * stays pending on the fd (clearing it could steal another sleeper's
+ * wake-up); the next wait then returns at once and re-checks.
+ */
 void pglf_ring_consumer_wait_disarm(pglf_ring *r);
 
 /*
  * Consumer: sleep until a record is available, the ring is closed, or
  * `timeout_ms` passes (< 0: no limit).  Returns PGLF_READY, PGLF_CLOSED,
- * PGLF_TIMEOUT or PGLF_EINTR.  Polls consumer_fd; must not be called
- * when consumer_fd is -1.
+ * PGLF_TIMEOUT, PGLF_EINTR, or PGLF_EINVAL when the fd cannot be polled
+ * (closed: the fds must outlive the ring).
  */
 int pglf_ring_wait(pglf_ring *r, int timeout_ms);
 
-/* Any thread: mark closed and wake every sleeper.  Idempotent. */
+/* Any thread: mark closed and wake every sleeping consumer.  Idempotent. */
 void pglf_ring_close(pglf_ring *r);
 int pglf_ring_closed(const pglf_ring *r);
 

@@ -395,38 +395,48 @@ void pglf_router_deactivate_all(pglf_router *r)
 /* ------------------------------------------------------------------ */
 /* routing                                                              */
 
+/* Attempts before giving up on a "block" ring that keeps reporting space
+ * it then cannot use (only possible through odd reserve settings). */
+#define DELIVER_TRIES 8
+
 static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
                    const char *payload, size_t len)
 {
-    int rc = PGLF_FULL;
+    int rc = PGLF_E2BIG;
     /* Closed by its consumer (unlisten): nothing new may appear in it, even
      * before the selector has processed the removal. */
     if (pglf_ring_closed(s->ring))
         return PGLF_OK;
-    if (s->owing && pay_debts(r, s))
-        goto full;
-    if (len > UINT32_MAX) {
-        rc = PGLF_E2BIG;
-    } else {
-        rc = pglf_ring_write(s->ring, PGLF_KIND_NOTIFY, 0, idx, pid, payload,
-                             (uint32_t)len, s->reserve);
-        if (rc == PGLF_OK) {
-            mark_dirty(r, s);
-            return PGLF_OK;
+    if (len <= UINT32_MAX) {
+        for (int tries = 0; tries < DELIVER_TRIES; tries++) {
+            rc = PGLF_FULL;
+            if (!(s->owing && pay_debts(r, s))) {
+                rc = pglf_ring_write(s->ring, PGLF_KIND_NOTIFY, 0, idx, pid,
+                                     payload, (uint32_t)len, s->reserve);
+                /* An empty ring takes any record it can hold at all: the
+                 * reserve protects markers, and there are none to protect. */
+                if (rc == PGLF_FULL && pglf_ring_used(s->ring) == 0)
+                    rc = pglf_ring_write(s->ring, PGLF_KIND_NOTIFY, 0, idx, pid,
+                                         payload, (uint32_t)len, 0);
+                if (rc == PGLF_OK) {
+                    mark_dirty(r, s);
+                    return PGLF_OK;
+                }
+            }
+            if (rc == PGLF_E2BIG || !s->block)
+                break;
+            size_t need = (size_t)pglf_rec_size(len) * 2 + s->reserve;
+            if (need < MARKER_PAIR)
+                need = MARKER_PAIR;
+            if (need > pglf_ring_capacity(s->ring))
+                need = pglf_ring_capacity(s->ring);
+            if (!pglf_ring_producer_wait_arm(s->ring, need))
+                return PGLF_BLOCKED;
+            /* Space freed meanwhile: try again. */
         }
     }
-    if (rc == PGLF_E2BIG)
-        goto drop;   /* can never fit: losing it is the only option */
-full:
-    if (s->block) {
-        size_t need = (size_t)pglf_rec_size(len) * 2 + s->reserve;
-        if (need > pglf_ring_capacity(s->ring))
-            need = pglf_ring_capacity(s->ring);
-        if (pglf_ring_producer_wait_arm(s->ring, need))
-            return deliver(r, s, idx, pid, payload, len);
-        return PGLF_BLOCKED;
-    }
-drop:
+    /* Dropped: "drop" policy, a record that can never fit, or a "block"
+     * ring that cannot take it even with space free. */
     owe(r, s, idx);
     s->owed_dropped[idx]++;
     BUMP(r->dropped, 1);

@@ -28,6 +28,7 @@ READY: int = lib.PGLF_READY
 TIMEOUT: int = lib.PGLF_TIMEOUT
 CLOSED: int = lib.PGLF_CLOSED
 EINTR: int = lib.PGLF_EINTR
+EINVAL: int = lib.PGLF_EINVAL
 
 KIND_NOTIFY: int = lib.PGLF_KIND_NOTIFY
 KIND_MARKER: int = lib.PGLF_KIND_MARKER
@@ -248,7 +249,8 @@ class Ring:
     def wait(self, timeout: float | None) -> int:
         """Sleep (GIL released) until records arrive, close, or ``timeout``.
 
-        Returns ``READY``, ``CLOSED``, ``TIMEOUT`` or ``EINTR``.
+        Returns ``READY``, ``CLOSED``, ``TIMEOUT``, ``EINTR``, or ``EINVAL``
+        when the wake-up fd cannot be polled.
         """
         if timeout is None:
             ms = -1

@@ -19,8 +19,8 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from ._records import Notification
-from ._ring import CLOSED, EINTR, TIMEOUT, Ring
-from .errors import Closed, Empty
+from ._ring import CLOSED, EINTR, EINVAL, TIMEOUT, Ring
+from .errors import Closed, Empty, Error
 
 if TYPE_CHECKING:
     from .listener import Listener
@@ -176,8 +176,9 @@ class Subscription:
                     if items:
                         return items
                     raise Closed(f"subscription {self._channels!r} is closed")
-                if rc in (TIMEOUT, EINTR):
-                    continue  # re-check the deadline; lets signal handlers run
+                if rc == EINVAL:
+                    raise Error("cannot wait on the subscription's wake-up fd")
+                # READY, or TIMEOUT/EINTR: re-check (lets signal handlers run).
         finally:
             self._lock.release()
 
