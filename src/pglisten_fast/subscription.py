@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from ._records import Notification
-from ._ring import CLOSED, EINTR, EINVAL, TIMEOUT, Ring
+from ._ring import CLOSED, EINVAL, Ring
 from .errors import Closed, Empty, Error
 
 if TYPE_CHECKING:
