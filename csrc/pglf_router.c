@@ -329,9 +329,31 @@ static void settle(pglf_router *r, pglf_sub *s, uint32_t idx)
     }
 }
 
-/* Write what `s` owes its consumer.  Returns 1 if something is still owed. */
-static int pay_debts(pglf_router *r, pglf_sub *s)
+/*
+ * Free space a full subscription needs before its owed markers are written
+ * on the notification path: room for the markers, the reserve, and some
+ * slack.  Paying as soon as one marker fits would, while the consumer is
+ * stalled, produce a run of adjacent overflow markers of one drop each;
+ * waiting for the slack gives one marker per gap, carrying its whole size.
+ */
+static size_t pay_threshold(const pglf_sub *s)
 {
+    size_t cap = pglf_ring_capacity(s->ring);
+    size_t slack = cap / 8 < 16384 ? cap / 8 : 16384;
+    size_t t = s->reserve + MARKER_PAIR + slack;
+    return t < cap ? t : cap;
+}
+
+/*
+ * Write what `s` owes its consumer if at least `min_free` bytes are free.
+ * Returns 1 if something is still owed (the consumer will then wake the
+ * selector once that much space is free).
+ */
+static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
+{
+    if (min_free && pglf_ring_free_bytes(s->ring) < min_free &&
+        !pglf_ring_producer_wait_arm(s->ring, min_free))
+        return 1;
     for (uint32_t i = 0; i < s->n && s->owing; i++) {
         if (s->owed_dropped[i]) {
             uint64_t n = s->owed_dropped[i];
@@ -357,7 +379,7 @@ static int pay_debts(pglf_router *r, pglf_sub *s)
 full:
     /* Ask the consumer to wake the selector once markers fit again. */
     if (pglf_ring_producer_wait_arm(s->ring, MARKER_PAIR))
-        return pay_debts(r, s);
+        return pay_debts(r, s, 0);
     return 1;
 }
 
@@ -374,7 +396,8 @@ int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
     if (s->owed_reason[idx] != PGLF_REASON_LISTEN)
         s->owed_reason[idx] = reason;
     s->state[idx] |= ST_ACTIVE | ST_ANNOUNCED;
-    return pay_debts(r, s);
+    /* Markers have their reserve: write them as soon as they fit. */
+    return pay_debts(r, s, 0);
 }
 
 int pglf_sub_state(const pglf_sub *s, uint32_t idx)
@@ -408,9 +431,17 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
     if (pglf_ring_closed(s->ring))
         return PGLF_OK;
     if (len <= UINT32_MAX) {
+        /* Owed markers are paid only with room for them, the reserve and
+         * this record (and some slack): see pay_threshold(). */
+        size_t min_free = pay_threshold(s);
+        size_t with_rec = s->reserve + MARKER_PAIR + (size_t)pglf_rec_size(len);
+        if (with_rec > min_free)
+            min_free = with_rec;
+        if (min_free > pglf_ring_capacity(s->ring))
+            min_free = pglf_ring_capacity(s->ring);
         for (int tries = 0; tries < DELIVER_TRIES; tries++) {
             rc = PGLF_FULL;
-            if (!(s->owing && pay_debts(r, s))) {
+            if (!(s->owing && pay_debts(r, s, min_free))) {
                 rc = pglf_ring_write(s->ring, PGLF_KIND_NOTIFY, 0, idx, pid,
                                      payload, (uint32_t)len, s->reserve);
                 /* An empty ring takes any record it can hold at all: the
@@ -428,6 +459,8 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
             size_t need = (size_t)pglf_rec_size(len) * 2 + s->reserve;
             if (need < MARKER_PAIR)
                 need = MARKER_PAIR;
+            if (s->owing && need < min_free)
+                need = min_free;
             if (need > pglf_ring_capacity(s->ring))
                 need = pglf_ring_capacity(s->ring);
             if (!pglf_ring_producer_wait_arm(s->ring, need))
@@ -442,7 +475,7 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
     BUMP(r->dropped, 1);
     pglf_ring_count_dropped(s->ring, 1);
     if (rc != PGLF_E2BIG)
-        pglf_ring_producer_wait_arm(s->ring, MARKER_PAIR);
+        pglf_ring_producer_wait_arm(s->ring, pay_threshold(s));
     return PGLF_OK;
 }
 
@@ -509,7 +542,7 @@ int pglf_router_flush(pglf_router *r)
     if (r->owing_subs)
         for (pglf_sub *s = r->subs; s; s = s->next)
             if (s->owing)
-                pay_debts(r, s);
+                pay_debts(r, s, pay_threshold(s));
     if (r->stashed) {
         if (route_seq(r, r->stash_buf, r->stash_chan_len, r->stash_pid,
                       r->stash_buf + r->stash_chan_len + 1, r->stash_payload_len,

@@ -388,10 +388,12 @@ class Engine:
             return
         now = time.monotonic()
         q = self.query
-        if q is not None:
+        if lib.pglf_router_blocked(self.router):
+            # The socket is not read while blocked: no pings, and no answer to
+            # an outstanding query can arrive, so no deadline either.
+            timeout = -1.0
+        elif q is not None:
             timeout = -1.0 if q.deadline is None else max(0.0, q.deadline - now)
-        elif lib.pglf_router_blocked(self.router):
-            timeout = -1.0  # the socket is not read while blocked: no pings
         elif self.hc_interval > 0:
             timeout = self.hc_interval
         else:
@@ -477,10 +479,18 @@ class Engine:
             return 0
         if was_blocked:
             self.blocked_logged = False
+            q = self.query
+            if q is not None and q.deadline is not None:
+                # Its answer could not be read while blocked: the clock
+                # starts again now.
+                q.deadline = max(q.deadline, self._query_deadline() or 0.0)
+            self._sync()  # LISTENs requested while blocked
             return self._pump()
         return 0
 
     def _timeout(self) -> None:
+        if lib.pglf_router_blocked(self.router):
+            return
         q = self.query
         if q is not None:
             if q.deadline is not None and time.monotonic() >= q.deadline:
@@ -574,6 +584,10 @@ class Engine:
     def _sync(self) -> None:
         """Send every pending LISTEN/UNLISTEN in one round trip."""
         if not self.ready or self.query is not None or self.pgconn is None:
+            return
+        if lib.pglf_router_blocked(self.router):
+            # Its answer could not be read until a "block" consumer catches
+            # up; send it then (see _flush_router).
             return
         unlisten = [ch for ch in self.server if ch not in self.desired]
         listen = [ch for ch in self.desired if ch not in self.server]

@@ -38,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +54,7 @@ from psycopg.conninfo import conninfo_to_dict
 from . import __impl__, __version__
 from ._names import MAX_PAYLOAD_BYTES, check_channel, check_payload
 from ._records import Notification
-from .errors import ConnectError, Empty
+from .errors import Closed, ConnectError, Empty
 from .listener import Listener
 from .publish import notify, notify_many
 from .subscription import Subscription
@@ -212,7 +213,7 @@ def _check_channels(names: Sequence[str]) -> list[str]:
         try:
             out.append(check_channel(name))
         except (TypeError, ValueError) as e:
-            raise _UsageError(f"invalid channel name {name!r}: {e}") from None
+            raise _UsageError(f"invalid channel name: {e}") from None
     return out
 
 
@@ -396,7 +397,7 @@ def _listen_loop(
     while True:
         try:
             batch = sub.get_batch(RECEIVE_BATCH, timeout=None)
-        except Exception as e:  # Closed: the listener stopped under us
+        except Closed as e:  # the listener stopped under us
             logger.warning("subscription ended: %s", e)
             return EXIT_OK
         if limit is not None:
@@ -720,7 +721,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 where = "from --dsn" if args.dsn is not None else f"from ${DSN_ENV_VAR}"
             return _run_demo(args, dsn, where, out)
         except KeyboardInterrupt:
-            print("\ninterrupted", file=out, flush=True)
+            print(("\n" if _isatty(out) else "") + "interrupted", file=out, flush=True)
             return EXIT_INTERRUPTED
         finally:
             if cluster is not None:
@@ -803,19 +804,24 @@ def _run_demo(args: argparse.Namespace, dsn: str, where: str, out: TextIO) -> in
             bar.start = publisher.started_at
             first_at = last_at = 0.0
             idle_since = time.perf_counter()
-            stalled = False
+            stalled = 0.0
             while not tally.complete:
                 batch = sub.get_batch(RECEIVE_BATCH, timeout=0.1)
                 now = time.perf_counter()
                 if batch:
+                    before = tally.received
                     tally.add(batch)
-                    if not first_at:
-                        first_at = now
-                    last_at = idle_since = now
+                    idle_since = now
+                    if tally.received > before:  # not only markers
+                        last_at = now
+                        first_at = first_at or now
                 elif publisher.error is not None:
                     break
-                elif now - idle_since > args.timeout:
-                    stalled = True
+                elif now - idle_since > args.timeout or (
+                    # After a reconnect the rest is lost for good.
+                    "reconnect" in tally.markers and now - idle_since > 2.0
+                ):
+                    stalled = now - idle_since
                     break
                 bar.update(tally.received)
             # Anything beyond the count would be a duplicate.
@@ -849,7 +855,7 @@ def _demo_report(
     commit_took: float,
     first_at: float,
     last_at: float,
-    stalled: bool,
+    stalled: float,
     server_version: str,
 ) -> int:
     count: int = args.count
@@ -859,8 +865,10 @@ def _demo_report(
         and tally.bad_payloads == 0
     )
     problems = []
-    if missing:
-        problems.append(f"{missing:,} missing")
+    if tally.dropped:
+        problems.append(f"{tally.dropped:,} dropped (buffer full)")
+    if missing - tally.dropped > 0:
+        problems.append(f"{missing - tally.dropped:,} missing")
     if tally.extra:
         problems.append(f"{tally.extra:,} unexpected")
     if tally.order_errors:
@@ -905,7 +913,7 @@ def _demo_report(
             file=out,
         )
     if stalled:
-        print(f"  nothing arrived for {args.timeout:g} s; gave up", file=out)
+        print(f"  nothing arrived for {stalled:.1f} s; gave up", file=out)
     if "reconnect" in tally.markers:
         print(
             "  the connection was lost and re-established during the run: "
@@ -993,6 +1001,10 @@ exit status:
 """
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=min(79, shutil.get_terminal_size().columns - 2))
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with exit status 64 (EX_USAGE) for usage errors."""
 
@@ -1005,8 +1017,9 @@ def _build_parser() -> _Parser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
-        description="Fast PostgreSQL LISTEN/NOTIFY from the command line: listen, "
-        "notify, and a burst demo.",
+        description=_wrap(
+            "Fast PostgreSQL LISTEN/NOTIFY from the command line: listen, "
+            "notify, and a burst demo."),
         epilog=_EPILOG,
         formatter_class=fmt,
     )
@@ -1032,13 +1045,14 @@ def _build_parser() -> _Parser:
     p = sub.add_parser(
         "listen", parents=[common], formatter_class=fmt, epilog=_EPILOG,
         help="print notifications as JSON lines",
-        description="LISTEN on the channels and print every item as one JSON "
-        'object per line: {"channel", "payload", "pid", "connection_reset", '
-        '"reason", "dropped"}.  Markers (connection_reset=true, reason '
-        '"listen", "reconnect" or "overflow") are printed too; the first line '
-        'per channel is its "listen" marker, printed once LISTEN is in effect.  '
-        "Runs until Ctrl-C or SIGTERM (exit status 0) or until --count "
-        "notifications were printed.",
+        description=_wrap(
+            "LISTEN on the channels and print every item as one JSON "
+            'object per line: {"channel", "payload", "pid", "connection_reset", '
+            '"reason", "dropped"}.  Markers (connection_reset=true, reason '
+            '"listen", "reconnect" or "overflow") are printed too; the first line '
+            'per channel is its "listen" marker, printed once LISTEN is in effect.  '
+            "Runs until Ctrl-C or SIGTERM (exit status 0) or until --count "
+            "notifications were printed."),
     )
     p.add_argument("channels", nargs="+", metavar="CHANNEL",
                    help="channel names, used verbatim (case and spaces kept)")
@@ -1055,11 +1069,12 @@ def _build_parser() -> _Parser:
     p = sub.add_parser(
         "notify", parents=[common], formatter_class=fmt, epilog=_EPILOG,
         help="send a notification, or one per stdin line",
-        description="Send one notification with PAYLOAD.  Without PAYLOAD, "
-        "every line of stdin is sent as one notification (line "
-        "terminator removed), up to --batch-size per round trip, each batch "
-        "its own transaction; the count is printed on stderr.  PostgreSQL "
-        "delivers identical payloads sent in one transaction only once.",
+        description=_wrap(
+            "Send one notification with PAYLOAD.  Without PAYLOAD, "
+            "every line of stdin is sent as one notification (line "
+            "terminator removed), up to --batch-size per round trip, each batch "
+            "its own transaction; the count is printed on stderr.  PostgreSQL "
+            "delivers identical payloads sent in one transaction only once."),
     )
     p.add_argument("channel", metavar="CHANNEL")
     p.add_argument("payload", metavar="PAYLOAD", nargs="?", default=None,
@@ -1072,14 +1087,15 @@ def _build_parser() -> _Parser:
     p = sub.add_parser(
         "demo", parents=[common], formatter_class=fmt, epilog=_EPILOG,
         help="burst demo: publish N in one transaction, receive, verify",
-        description="Start a Listener, publish N notifications in one "
-        "transaction (notify_many), receive them with get_batch while showing "
-        "progress, check that every one arrived in order, and print a table "
-        "(time from COMMIT to the last receipt, rate, versions...).  Without "
-        f"--dsn or ${DSN_ENV_VAR} (plain PG* variables are ignored here) an "
-        "embedded throwaway PostgreSQL server is started and removed "
-        "afterwards, also on Ctrl-C.  Exit status 0 when everything arrived, "
-        "1 otherwise.",
+        description=_wrap(
+            "Start a Listener, publish N notifications in one "
+            "transaction (notify_many), receive them with get_batch while showing "
+            "progress, check that every one arrived in order, and print a table "
+            "(time from COMMIT to the last receipt, rate, versions...).  Without "
+            f"--dsn or ${DSN_ENV_VAR} (plain PG* variables are ignored here) an "
+            "embedded throwaway PostgreSQL server is started and removed "
+            "afterwards, also on Ctrl-C.  Exit status 0 when everything arrived, "
+            "1 otherwise."),
     )
     p.add_argument("--count", type=_positive_int, metavar="N", default=1_000_000,
                    help="notifications to send (default: 1,000,000)")
@@ -1099,9 +1115,10 @@ def _build_parser() -> _Parser:
     p = sub.add_parser(
         "bench", formatter_class=fmt, add_help=False,
         help="run the peer comparison benchmarks/compare.py",
-        description="Run benchmarks/compare.py (from a source checkout) with "
-        "this Python; every argument after 'bench' is passed to it.  "
-        f"`{PROG} bench -- --help` shows its own options.",
+        description=_wrap(
+            "Run benchmarks/compare.py (from a source checkout) with "
+            "this Python; every argument after 'bench' is passed to it.  "
+            f"`{PROG} bench -- --help` shows its own options."),
     )
     p.add_argument("-h", "--help", action="help",
                    help="show this help message and exit")
