@@ -138,7 +138,7 @@ class Engine:
         health_check_timeout: float,
         wake: WakeFd,
         publish: Callable[..., None],
-        on_first_attempt: Callable[[BaseException | None], None],
+        on_first_attempt: Callable[[BaseException | None], bool],
     ) -> None:
         self.connector = connector
         self.release = release
@@ -316,16 +316,22 @@ class Engine:
     def _connect_failed(self, err: BaseException | None) -> None:
         msg = _describe(err)
         self.publish(last_error=msg)
-        self._report_first(err if err is not None else RuntimeError(msg))
+        if not self._report_first(err if err is not None else RuntimeError(msg)):
+            return  # start(wait=True) raises it; no retry
         delay = self._backoff()
         self.next_connect = time.monotonic() + delay
         logger.warning("connection attempt failed (%s); "
                        "retrying in %.2f s", msg, delay)
 
-    def _report_first(self, err: BaseException | None) -> None:
-        if not self.first_attempt_reported:
-            self.first_attempt_reported = True
-            self.on_first_attempt(err)
+    def _report_first(self, err: BaseException | None) -> bool:
+        """Report the outcome of the first attempt; False: stop retrying."""
+        if self.first_attempt_reported:
+            return True
+        self.first_attempt_reported = True
+        if self.on_first_attempt(err):
+            return True
+        self.stopping = True
+        return False
 
     def _connected(self, conn: psycopg.Connection[Any]) -> None:
         try:
@@ -630,6 +636,7 @@ class Engine:
         self.release(conn)
 
     def _lost(self, reason: str) -> None:
+        reason = " ".join(reason.split())  # libpq's messages span lines
         was_connected = self.conn is not None
         lived = time.monotonic() - self.connected_at if was_connected else 0.0
         ready = self.ready
@@ -637,9 +644,10 @@ class Engine:
         self.publish(connected=False, channels=frozenset(), last_error=reason)
         if self.stopping:
             return
-        if not ready:
-            # Failed before the connection was usable: a failed attempt.
-            self._report_first(_Lost(reason))
+        if not ready and not self._report_first(_Lost(reason)):
+            # Failed before it was usable: the first attempt, under
+            # start(wait=True), which raises it.
+            return
         if lived >= HEALTHY_AFTER:
             self.failures = 0
         delay = self._backoff()

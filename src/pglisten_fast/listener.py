@@ -135,6 +135,7 @@ class Listener:
         self._wake = WakeFd()
         self._first = threading.Event()
         self._first_error: BaseException | None = None
+        self._wait_first = False
         self._thread: threading.Thread | None = None
 
         self._connected = False
@@ -220,9 +221,11 @@ class Listener:
             if reconnect:
                 self._reconnects += 1
 
-    def _on_first_attempt(self, err: BaseException | None) -> None:
+    def _on_first_attempt(self, err: BaseException | None) -> bool:
+        """Outcome of the first attempt; False: stop (start(wait=True) raises)."""
         self._first_error = err
         self._first.set()
+        return err is None or not self._wait_first
 
     # -- life cycle ----------------------------------------------------------
     def start(self, wait: bool = True) -> Listener:
@@ -240,6 +243,7 @@ class Listener:
             if self._state == "running":
                 return self
             self._state = "running"
+            self._wait_first = wait
             self._thread = threading.Thread(
                 target=self._engine.run, name="pglisten-fast-selector", daemon=True
             )
