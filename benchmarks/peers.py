@@ -278,9 +278,10 @@ def _thread_report(before: Snapshot, after: Snapshot) -> dict[str, dict[str, flo
 #: options (``compare.py --pglf-overflow/--pglf-buffer-size`` set them).
 OVERFLOW_ENV = "PGLF_BENCH_OVERFLOW"
 BUFFER_ENV = "PGLF_BENCH_BUFFER_SIZE"
-#: ``max_items`` of the client's ``get_batch`` calls (default 65,536).
+#: ``max_items`` of the client's ``get_batch`` calls (default 4,096: larger
+#: batches make CPython return allocator arenas to the OS between batches).
 MAX_ITEMS_ENV = "PGLF_BENCH_MAX_ITEMS"
-DEFAULT_MAX_ITEMS = 65536
+DEFAULT_MAX_ITEMS = 4096
 #: Default policy of the benchmark client: "block" is lossless like every
 #: other client (which all push back through TCP); with the library's own
 #: default ("drop", 16 MiB) a 1M burst can overflow a consumer that is

@@ -31,10 +31,22 @@ typedef struct {
 static PyTypeObject NotificationType;
 static PyObject *str_listen, *str_reconnect, *str_overflow, *str_empty;
 
+/*
+ * A free list of Notification objects: a consumer typically drops one batch
+ * and drains the next, so recycling the objects skips the allocator for
+ * most of them.  Guarded by the GIL (every user holds it).
+ */
+#define FREELIST_MAX 4096
+static NotificationObject *freelist[FREELIST_MAX];
+static int freelist_len;
+
 static NotificationObject *notification_alloc(void)
 {
-    NotificationObject *n = PyObject_New(NotificationObject, &NotificationType);
-    return n;
+    if (freelist_len > 0) {
+        NotificationObject *n = freelist[--freelist_len];
+        return (NotificationObject *)PyObject_Init((PyObject *)n, &NotificationType);
+    }
+    return PyObject_New(NotificationObject, &NotificationType);
 }
 
 static PyObject *notification_new(PyTypeObject *type, PyObject *args,
@@ -78,7 +90,34 @@ static void notification_dealloc(NotificationObject *n)
     Py_DECREF(n->channel);
     Py_DECREF(n->payload);
     Py_DECREF(n->reason);
-    PyObject_Free(n);
+    if (freelist_len < FREELIST_MAX)
+        freelist[freelist_len++] = n;
+    else
+        PyObject_Free(n);
+}
+
+/* Payloads are mostly ASCII: copy them straight into a compact str. */
+static PyObject *decode_payload(const char *p, uint32_t len, const char *encoding)
+{
+    if (encoding == NULL) {
+        uint32_t i = 0;
+        uint64_t acc = 0;
+        for (; i + 8 <= len; i += 8) {
+            uint64_t w;
+            memcpy(&w, p + i, 8);
+            acc |= w;
+        }
+        for (; i < len; i++)
+            acc |= (unsigned char)p[i];
+        if (!(acc & 0x8080808080808080ULL)) {
+            PyObject *s = PyUnicode_New(len, 127);
+            if (s != NULL && len)
+                memcpy(PyUnicode_1BYTE_DATA(s), p, len);
+            return s;
+        }
+        return PyUnicode_DecodeUTF8(p, len, "replace");
+    }
+    return PyUnicode_Decode(p, len, encoding, "replace");
 }
 
 static PyObject *notification_repr(NotificationObject *n)
@@ -214,9 +253,7 @@ static PyObject *make_record(const pglf_rec *h, PyObject *channels,
     const char *body = (const char *)h + PGLF_REC_HDR;
     PyObject *payload;
     if (h->kind == PGLF_KIND_NOTIFY) {
-        payload = encoding == NULL
-                      ? PyUnicode_DecodeUTF8(body, h->len, "replace")
-                      : PyUnicode_Decode(body, h->len, encoding, "replace");
+        payload = decode_payload(body, h->len, encoding);
         if (payload == NULL)
             return NULL;
     } else {
@@ -280,35 +317,41 @@ static PyObject *records_drain(PyObject *self, PyObject *args)
     if (encoding && (strcmp(encoding, "utf-8") == 0 || strcmp(encoding, "utf8") == 0))
         encoding = NULL;
     pglf_ring *r = (pglf_ring *)(uintptr_t)addr;
-    PyObject *out = PyList_New(0);
-    if (out == NULL || max_items <= 0)
-        return out;
+    if (max_items <= 0)
+        return PyList_New(0);
+    /* Count first (cheap: headers only), so the list is allocated once. */
     uint64_t pos = pglf_ring_consumer_pos(r);
-    uint64_t start = pos, notifies = 0;
-    Py_ssize_t n = 0;
-    while (n < max_items) {
+    uint64_t start = pos;
+    Py_ssize_t count = 0;
+    while (count < max_items && pglf_ring_peek(r, &pos) != NULL)
+        count++;
+    PyObject *out = PyList_New(count);
+    if (out == NULL)
+        return NULL;
+    pos = start;
+    uint64_t notifies = 0;
+    for (Py_ssize_t n = 0; n < count; n++) {
         uint64_t before = pos;
         const pglf_rec *h = pglf_ring_peek(r, &pos);
-        if (h == NULL)
-            break;
         PyObject *item = make_record(h, channels, encoding);
-        if (item == NULL || PyList_Append(out, item) < 0) {
-            Py_XDECREF(item);
-            /* Leave the failed record in the ring; release the rest. */
-            pos = before;
-            if (pos != start)
-                pglf_ring_consume(r, pos, notifies);
+        if (item == NULL) {
+            /* Leave the failed record in the ring; hand out the ones before. */
+            if (before != start)
+                pglf_ring_consume(r, before, notifies);
             if (n == 0) {
                 Py_DECREF(out);
                 return NULL;
             }
             PyErr_Clear();
+            if (PyList_SetSlice(out, n, count, NULL) < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
             return out;
         }
-        Py_DECREF(item);
+        PyList_SET_ITEM(out, n, item);
         if (h->kind == PGLF_KIND_NOTIFY)
             notifies++;
-        n++;
     }
     if (pos != start)
         pglf_ring_consume(r, pos, notifies);
