@@ -30,6 +30,9 @@ typedef struct {
 
 static PyTypeObject NotificationType;
 static PyObject *str_listen, *str_reconnect, *str_overflow, *str_empty;
+/* Interned attribute names, for the fast path of notification_getattro. */
+static PyObject *name_channel, *name_payload, *name_pid, *name_reset, *name_reason,
+    *name_dropped;
 
 /*
  * A free list of Notification objects: a consumer typically drops one batch
@@ -118,6 +121,29 @@ static PyObject *decode_payload(const char *p, uint32_t len, const char *encodin
         return PyUnicode_DecodeUTF8(p, len, "replace");
     }
     return PyUnicode_Decode(p, len, encoding, "replace");
+}
+
+/*
+ * Attribute reads are the consumer's per-item work: answer the six fields
+ * by name identity (attribute names in code are interned) before the
+ * generic lookup through the type's descriptors.
+ */
+static PyObject *notification_getattro(PyObject *self, PyObject *name)
+{
+    NotificationObject *n = (NotificationObject *)self;
+    if (name == name_payload)
+        return Py_NewRef(n->payload);
+    if (name == name_channel)
+        return Py_NewRef(n->channel);
+    if (name == name_reset)
+        return PyBool_FromLong(n->connection_reset);
+    if (name == name_pid)
+        return PyLong_FromLong(n->pid);
+    if (name == name_reason)
+        return Py_NewRef(n->reason);
+    if (name == name_dropped)
+        return PyLong_FromLongLong(n->dropped);
+    return PyObject_GenericGetAttr(self, name);
 }
 
 static PyObject *notification_repr(NotificationObject *n)
@@ -233,6 +259,7 @@ static PyTypeObject NotificationType = {
     .tp_repr = (reprfunc)notification_repr,
     .tp_hash = (hashfunc)notification_hash,
     .tp_richcompare = notification_richcompare,
+    .tp_getattro = notification_getattro,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = notification_doc,
     .tp_members = notification_members,
@@ -384,7 +411,15 @@ PyMODINIT_FUNC PyInit__records(void)
     str_reconnect = PyUnicode_InternFromString("reconnect");
     str_overflow = PyUnicode_InternFromString("overflow");
     str_empty = PyUnicode_InternFromString("");
-    if (!str_listen || !str_reconnect || !str_overflow || !str_empty)
+    name_channel = PyUnicode_InternFromString("channel");
+    name_payload = PyUnicode_InternFromString("payload");
+    name_pid = PyUnicode_InternFromString("pid");
+    name_reset = PyUnicode_InternFromString("connection_reset");
+    name_reason = PyUnicode_InternFromString("reason");
+    name_dropped = PyUnicode_InternFromString("dropped");
+    if (!str_listen || !str_reconnect || !str_overflow || !str_empty ||
+        !name_channel || !name_payload || !name_pid || !name_reset ||
+        !name_reason || !name_dropped)
         return NULL;
     PyObject *m = PyModule_Create(&records_module);
     if (m == NULL)
