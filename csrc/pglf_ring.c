@@ -232,7 +232,8 @@ int pglf_ring_wake_consumer(pglf_ring *r)
 int pglf_ring_producer_wait_arm(pglf_ring *r, size_t need)
 {
     atomic_store_explicit(&r->producer_need, need, RELAXED);
-    atomic_store_explicit(&r->producer_waiting, 1, RELAXED);
+    /* Release: a consumer that sees the flag (acquire) also sees `need`. */
+    atomic_store_explicit(&r->producer_waiting, 1, RELEASE);
     /* Dekker handshake, sleeper side.  Pairs with the fence in
      * release_to_producer(). */
     atomic_thread_fence(SEQ_CST);
@@ -300,7 +301,9 @@ static void release_to_producer(pglf_ring *r, uint64_t pos)
     /* Dekker handshake, waker side.  Pairs with the fence in
      * pglf_ring_producer_wait_arm(). */
     atomic_thread_fence(SEQ_CST);
-    if (atomic_load_explicit(&r->producer_waiting, RELAXED)) {
+    /* Acquire pairs with the release store in pglf_ring_producer_wait_arm():
+     * producer_need below is the one stored with this flag. */
+    if (atomic_load_explicit(&r->producer_waiting, ACQUIRE)) {
         uint64_t tail = atomic_load_explicit(&r->tail, RELAXED);
         uint64_t need = atomic_load_explicit(&r->producer_need, RELAXED);
         if (r->capacity - (tail - pos) >= need &&

@@ -355,6 +355,18 @@ static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
         !pglf_ring_producer_wait_arm(s->ring, min_free))
         return 1;
     for (uint32_t i = 0; i < s->n && s->owing; i++) {
+        /* The "listen"/"reconnect" marker first: a channel's first item is
+         * always its "listen" marker, and drops counted while a reason
+         * marker was owed happened before the consumer could see it. */
+        if (s->owed_reason[i]) {
+            if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, s->owed_reason[i], i,
+                                0, NULL, 0, 0) != PGLF_OK)
+                goto full;
+            BUMP(r->markers, 1);
+            s->owed_reason[i] = 0;
+            mark_dirty(r, s);
+            settle(r, s, i);
+        }
         if (s->owed_dropped[i]) {
             uint64_t n = s->owed_dropped[i];
             if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW,
@@ -362,15 +374,6 @@ static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
                 goto full;
             BUMP(r->markers, 1);
             s->owed_dropped[i] = 0;
-            mark_dirty(r, s);
-            settle(r, s, i);
-        }
-        if (s->owed_reason[i]) {
-            if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, s->owed_reason[i], i,
-                                0, NULL, 0, 0) != PGLF_OK)
-                goto full;
-            BUMP(r->markers, 1);
-            s->owed_reason[i] = 0;
             mark_dirty(r, s);
             settle(r, s, i);
         }
@@ -474,8 +477,11 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
     s->owed_dropped[idx]++;
     BUMP(r->dropped, 1);
     pglf_ring_count_dropped(s->ring, 1);
-    if (rc != PGLF_E2BIG)
-        pglf_ring_producer_wait_arm(s->ring, pay_threshold(s));
+    /* Ask the consumer to wake the selector once the markers can be paid;
+     * if that much space freed meanwhile, pay now (no wake-up would come). */
+    if (rc != PGLF_E2BIG &&
+        pglf_ring_producer_wait_arm(s->ring, pay_threshold(s)))
+        pay_debts(r, s, pay_threshold(s));
     return PGLF_OK;
 }
 

@@ -175,3 +175,72 @@ def test_uvloop_if_installed(
         return (await sub.get_async(timeout=10)).payload
 
     assert uvloop.run(main()) == "uv"
+
+
+def test_two_tasks_of_one_loop_both_wake(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    """Two waiters in one event loop share the fd reader: both are served."""
+    sub = _listen_ready(listener, "a_two")
+
+    async def main() -> tuple[str, str]:
+        a = asyncio.create_task(sub.get_async(timeout=10))
+        b = asyncio.create_task(sub.get_async(timeout=10))
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, pgl.notify_many, conn, "a_two", ["1", "2"])
+        x, y = await asyncio.gather(a, b)
+        return x.payload, y.payload
+
+    assert sorted(asyncio.run(main())) == ["1", "2"]
+
+
+def test_unlisten_wakes_every_async_waiter(listener: pgl.Listener) -> None:
+    sub = _listen_ready(listener, "a_close_all")
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(sub.get_async()) for _ in range(3)]
+        await asyncio.sleep(0)
+        sub.unlisten()
+        results = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), 10
+        )
+        assert all(isinstance(r, pgl.Closed) for r in results), results
+
+    asyncio.run(main())
+
+
+def test_async_and_thread_consumers_together(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    """A thread blocked in get() and an asyncio task share one subscription."""
+    sub = _listen_ready(listener, "a_mixed")
+    total = 400
+    from_thread: list[int] = []
+
+    def thread_consumer() -> None:
+        while True:
+            try:
+                from_thread.append(int(sub.get(timeout=3).payload))
+            except (pgl.Empty, pgl.Closed):
+                return
+
+    t = threading.Thread(target=thread_consumer)
+    t.start()
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            None, pgl.notify_many, conn, "a_mixed", [str(i) for i in range(total)]
+        )
+        while True:
+            try:
+                got.append(int((await sub.get_async(timeout=3)).payload))
+            except pgl.Empty:
+                return got
+
+    from_task = asyncio.run(main())
+    t.join(15)
+    assert not t.is_alive()
+    assert sorted(from_thread + from_task) == list(range(total))

@@ -283,9 +283,10 @@ def test_channel_names_are_case_sensitive(listener: pgl.Listener, conn: Conn) ->
         (b"bytes", TypeError),
         (42, TypeError),
         (None, TypeError),
+        ("\ud800", ValueError),              # lone surrogate: not encodable
     ],
     ids=["empty", "64-ascii", "64-2byte", "64-3byte", "nul-inside", "nul-only",
-         "bytes", "int", "none"],
+         "bytes", "int", "none", "surrogate"],
 )
 def test_listen_refuses_bad_names(
     listener: pgl.Listener, name: Any, exc: type[Exception]
@@ -1205,3 +1206,82 @@ def test_nothing_committed_after_unlisten_is_delivered(
         done.set()
         churner.join()
     assert late == []
+
+
+@pytest.fixture(scope="module")
+def latin1_dsn(pg_server: Any) -> Iterator[str]:
+    """A LATIN1 database: channel names outside LATIN1 cannot be LISTENed."""
+    name = f"pglf_latin1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
+        c.execute(sql.SQL(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' "
+            "LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Identifier(name)))
+    try:
+        yield make_conninfo(pg_server.dsn, dbname=name)
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
+            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
+def test_refused_listen_closes_only_its_subscription(
+    latin1_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server refuses one channel: its subscription ends, the rest goes on."""
+    caplog.set_level(logging.WARNING, logger="pglisten_fast")
+    with pgl.Listener(latin1_dsn, reconnect_delay=0.05) as lst:
+        pid = lst.backend_pid
+        good = listen_ready(lst, "caf\u00e9")
+        # Refused in the same batch as a good channel: retried one by one.
+        bad = lst.listen("\u65e5\u672c", "other")
+        also_good = lst.listen("fine")
+        assert also_good.get(timeout=TIMEOUT).reason == "listen"
+        with pytest.raises(pgl.Closed):
+            bad.get(timeout=TIMEOUT)
+        assert bad.closed
+        last_error = lst.stats.last_error
+        assert last_error is not None and "\u65e5\u672c" in last_error
+        with psycopg.connect(latin1_dsn, autocommit=True, connect_timeout=10) as c:
+            pgl.notify(c, "caf\u00e9", "still here")
+            pgl.notify(c, "fine", "too")
+        assert good.get(timeout=TIMEOUT).payload == "still here"
+        assert also_good.get(timeout=TIMEOUT).payload == "too"
+        assert lst.connected and lst.backend_pid == pid
+        assert lst.stats.reconnects == 0
+    assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+def test_pool_with_close_returns(dsn: str) -> None:
+    """A pooled listener session is ended, never handed back as it is."""
+    from psycopg_pool import ConnectionPool
+
+    pool: ConnectionPool[Conn] = ConnectionPool(
+        dsn, min_size=1, max_size=1, open=True, kwargs={"autocommit": True},
+        close_returns=True,
+    )
+    try:
+        lst = pgl.Listener(pool=pool).start()
+        listen_ready(lst, "pooled")
+        listener_pid = lst.backend_pid
+        lst.stop()
+        assert lst.stats.last_error is None
+        with pool.connection(timeout=10) as c:
+            row = c.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None and row[0] != listener_pid
+            listening = c.execute("SELECT pg_listening_channels()").fetchall()
+            assert listening == []
+    finally:
+        pool.close()
+
+
+def test_async_connection_sources_are_refused(dsn: str) -> None:
+    from psycopg_pool import AsyncConnectionPool
+
+    async def connect() -> Any:
+        return None
+
+    with pytest.raises(TypeError):
+        pgl.Listener(connect=connect)
+    pool: Any = AsyncConnectionPool(dsn, open=False)
+    with pytest.raises(TypeError, match="async"):
+        pgl.Listener(pool=pool)

@@ -131,7 +131,7 @@ class Engine:
         *,
         connector: Connector,
         release: Callable[[Any], None],
-        connect_timeout: float,
+        connect_timeout: float | None,
         reconnect_delay: float,
         max_reconnect_delay: float,
         health_check_interval: float,
@@ -141,7 +141,7 @@ class Engine:
         on_first_attempt: Callable[[BaseException | None], bool],
     ) -> None:
         self.connector = connector
-        self.release = release
+        self.release = _guarded(release)
         self.connect_timeout = connect_timeout
         self.reconnect_delay = reconnect_delay
         self.max_reconnect_delay = max_reconnect_delay
@@ -164,11 +164,15 @@ class Engine:
         self.attached: dict[str, list[tuple[_SubRec, int]]] = {}
         self.desired: dict[str, int] = {}
         self.server: set[str] = set()
+        # Channels to LISTEN one per query: a batch containing them failed.
+        self.isolate: set[str] = set()
 
         self.conn: psycopg.Connection[Any] | None = None
         self.pgconn: pq.abc.PGconn | None = None
         self.conn_ptr: Any = None
         self.poller: Any = None
+        self.sock = -1
+        self.sock_events: int | None = None   # registered events of sock
         self.ready = False                  # init query done
         self.query: _Query | None = None
         self.attempt: _ConnectAttempt | None = None
@@ -228,7 +232,8 @@ class Engine:
     def _encode(name: str) -> bytes:
         # The connection is switched to UTF-8 (see _connected): every name
         # is representable and arrives back from the server byte-identical.
-        return name.encode("utf-8", "surrogatepass")
+        # (listen() refused names that are not valid Unicode.)
+        return name.encode("utf-8")
 
     def _add(self, sub: Subscription) -> None:
         if sub in self.subs or sub.closed:
@@ -278,13 +283,19 @@ class Engine:
     def _wait_wake(self, timeout: float | None) -> None:
         if timeout is not None and timeout <= 0:
             return
-        select.select([self.wake.rfd], [], [], timeout)
+        # poll, not select: the fd may be numbered above FD_SETSIZE.
+        p = select.poll()
+        p.register(self.wake.rfd, select.POLLIN)
+        p.poll(None if timeout is None else timeout * 1000)
         self.wake.clear()
 
     def _step_disconnected(self) -> None:
         att = self.attempt
         if att is not None:
             if not att.done:
+                if self.connect_timeout is None:
+                    self._wait_wake(1.0)
+                    return
                 left = att.started + self.connect_timeout + 1.0 - time.monotonic()
                 if left > 0:
                     self._wait_wake(min(left, 1.0))
@@ -354,6 +365,7 @@ class Engine:
         self.poller.register(self.wake.rfd, select.POLLIN)
         self.poller.register(sock, select.POLLIN)
         self.sock = sock
+        self.sock_events = select.POLLIN
         self.connected_at = time.monotonic()
         self.ready = False
         self.server = set()
@@ -431,7 +443,9 @@ class Engine:
             events = (0 if blocked else select.POLLIN) | (
                 select.POLLOUT if pending else 0
             )
-            self.poller.modify(self.sock, events)
+            # While blocked the socket is left out entirely, like pglf_run
+            # does: poll would report a hang-up even with no events asked.
+            self._watch_socket(events)
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 ready = self.poller.poll(None if left is None else left * 1000)
@@ -443,12 +457,22 @@ class Engine:
             for fd, ev in ready:
                 if fd == self.wake.rfd:
                     flags |= RUN_WAKE
-                elif ev & ~select.POLLOUT:
+                elif ev & ~select.POLLOUT and not blocked:
                     flags |= self._pump()
                     if deadline is not None:
                         deadline = time.monotonic() + timeout
             if flags:
                 return flags
+
+    def _watch_socket(self, events: int) -> None:
+        if events:
+            if self.sock_events is None:
+                self.poller.register(self.sock, events)
+            elif self.sock_events != events:
+                self.poller.modify(self.sock, events)
+        elif self.sock_events is not None:
+            self.poller.unregister(self.sock)
+        self.sock_events = events or None
 
     def _handle(self, flags: int) -> None:
         while flags:
@@ -534,6 +558,9 @@ class Engine:
                 raise _Lost(f"the server is a hot standby and refuses LISTEN ({msg}); "
                             "point the listener at the primary (e.g. "
                             "target_session_attrs=read-write)")
+            if q.kind == "sync":
+                self._sync_failed(q, msg)
+                return
             raise _Lost(f"{q.kind} query failed: {msg}")
         if q.kind == "init":
             row = q.results[-1]
@@ -571,6 +598,7 @@ class Engine:
                     "use session pooling")
             self.server.difference_update(q.unlisten)
             self.server.update(q.listen)
+            self.isolate.difference_update(q.listen)
             # Published before the markers are queued: a consumer that sees
             # the "listen" marker also sees the channel in listener.channels.
             self.publish(channels=frozenset(self.server))
@@ -587,6 +615,28 @@ class Engine:
         if self.failures and time.monotonic() - self.connected_at >= HEALTHY_AFTER:
             self.failures = 0
 
+    def _sync_failed(self, q: _Query, msg: str) -> None:
+        """The server refused a LISTEN/UNLISTEN batch; nothing of it took effect.
+
+        One refused channel must not cost the others their connection: the
+        channels are retried one per query, and the subscriptions of a
+        channel refused on its own are closed (their consumers get Closed
+        once drained) with the reason logged and kept in ``last_error``.
+        """
+        if len(q.listen) == 1 and not q.unlisten:
+            ch = q.listen[0]
+            self.isolate.discard(ch)
+            reason = f"LISTEN {ch!r} refused by the server: {msg}"
+            logger.error("%s; closing its subscriptions", reason)
+            self.publish(last_error=reason)
+            for rec, _idx in list(self.attached.get(ch, ())):
+                self._remove(rec.sub)
+        else:
+            logger.warning("LISTEN/UNLISTEN batch refused by the server (%s); "
+                           "retrying channel by channel", msg)
+            self.isolate.update(q.listen)
+        self._sync()
+
     def _sync(self) -> None:
         """Send every pending LISTEN/UNLISTEN in one round trip."""
         if not self.ready or self.query is not None or self.pgconn is None:
@@ -599,6 +649,9 @@ class Engine:
         listen = [ch for ch in self.desired if ch not in self.server]
         if not unlisten and not listen:
             return
+        suspects = [ch for ch in listen if ch in self.isolate]
+        if suspects:
+            unlisten, listen = [], suspects[:1]
         esc = pq.Escaping(self.pgconn)
         parts = [b"UNLISTEN " + esc.escape_identifier(self._encode(ch))
                  for ch in unlisten]
@@ -618,8 +671,10 @@ class Engine:
             return
         if self.poller is not None:
             # Unregister before the fd is closed (a closed fd can hang epoll).
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                self.poller.unregister(self.sock)
+            if self.sock_events is not None:
+                with contextlib.suppress(KeyError, ValueError, OSError):
+                    self.poller.unregister(self.sock)
+            self.sock_events = None
             self.poller = None
         self.conn = None
         self.pgconn = None
@@ -674,6 +729,18 @@ class Engine:
             for _op, sub in list(self.commands):
                 sub._closed_by_listener()
             self.commands.clear()
+
+
+def _guarded(release: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap a connection release so that its failure never ends a thread."""
+
+    def release_quietly(conn: Any) -> None:
+        try:
+            release(conn)
+        except Exception:
+            logger.warning("error while closing a connection", exc_info=True)
+
+    return release_quietly
 
 
 def _text(msg: bytes | str | None) -> str:

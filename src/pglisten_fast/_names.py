@@ -15,7 +15,8 @@ def check_channel(name: object) -> str:
     """Return ``name`` if it is a usable channel name.
 
     :raises TypeError: not a ``str``.
-    :raises ValueError: empty, contains NUL, or longer than 63 bytes in UTF-8.
+    :raises ValueError: empty, contains NUL or a lone surrogate, or longer than
+        63 bytes in UTF-8.
     """
     if not isinstance(name, str):
         raise TypeError(f"channel names must be str, got {type(name).__name__}")
@@ -23,7 +24,10 @@ def check_channel(name: object) -> str:
         raise ValueError("channel name must not be empty")
     if "\x00" in name:
         raise ValueError(f"channel name must not contain NUL: {name!r}")
-    n = len(name.encode("utf-8", "surrogatepass"))
+    try:
+        n = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"channel name is not valid Unicode: {name!r}") from None
     if n > MAX_NAME_BYTES:
         raise ValueError(
             f"channel name is {n} bytes in UTF-8; PostgreSQL allows at most "

@@ -9,6 +9,7 @@ a ``reason="reconnect"`` marker before any new notification.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import threading
@@ -116,8 +117,15 @@ class Listener:
             raise TypeError("conninfo, pool and connect are mutually exclusive")
         if connect is not None and not callable(connect):
             raise TypeError("connect must be a callable returning a psycopg.Connection")
-        if pool is not None and not hasattr(pool, "getconn"):
-            raise TypeError("pool must be a psycopg_pool.ConnectionPool")
+        if pool is not None and (
+            not hasattr(pool, "getconn")
+            or inspect.iscoroutinefunction(pool.getconn)
+        ):
+            raise TypeError(
+                "pool must be a psycopg_pool.ConnectionPool (not an async pool)"
+            )
+        if connect is not None and inspect.iscoroutinefunction(connect):
+            raise TypeError("connect must return a psycopg.Connection, not a coroutine")
         self._connect_timeout = _positive("connect_timeout", connect_timeout)
         reconnect_delay = _positive("reconnect_delay", reconnect_delay)
         max_reconnect_delay = _positive("max_reconnect_delay", max_reconnect_delay)
@@ -129,7 +137,9 @@ class Listener:
         self._buffer_size = round_capacity(buffer_size)
         self._overflow = _check_overflow(overflow)
 
-        connector, release = self._connection_source(conninfo, pool, connect)
+        connector, release, attempt_limit = self._connection_source(
+            conninfo, pool, connect
+        )
         self._lock = threading.Lock()
         self._state = "new"               # new -> running -> stopped
         self._wake = WakeFd()
@@ -148,7 +158,7 @@ class Listener:
         self._engine = _engine.Engine(
             connector=connector,
             release=release,
-            connect_timeout=self._connect_timeout,
+            connect_timeout=attempt_limit,
             reconnect_delay=reconnect_delay,
             max_reconnect_delay=max_reconnect_delay,
             health_check_interval=hc_interval,
@@ -164,7 +174,8 @@ class Listener:
         conninfo: str,
         pool: Any,
         connect: Callable[[], psycopg.Connection[Any]] | None,
-    ) -> tuple[_engine.Connector, Callable[[Any], None]]:
+    ) -> tuple[_engine.Connector, Callable[[Any], None], float | None]:
+        """The connector, the release function, and the bound of one attempt."""
         timeout = self._connect_timeout
         if pool is not None:
             def from_pool() -> psycopg.Connection[Any]:
@@ -172,21 +183,32 @@ class Listener:
                 return conn
 
             def give_back(conn: Any) -> None:
-                # Closed first: a connection that ran LISTEN must not be reused.
-                conn.close()
+                # Ended at the libpq level first: a session that ran LISTEN
+                # must never serve anyone else (conn.close() would hand it
+                # back as it is to a pool made with close_returns=True).
+                conn.pgconn.finish()
                 pool.putconn(conn)
 
-            return from_pool, give_back
+            return from_pool, give_back, timeout
         if connect is not None:
-            return connect, _close
+            return connect, _close, timeout
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.ProgrammingError as e:
             raise ValueError(f"invalid conninfo: {e}") from e
         extra: dict[str, Any] = {}
-        if "connect_timeout" not in params:
+        if "connect_timeout" in params:
+            per_host = int(params["connect_timeout"] or 0)
+        else:
             # libpq takes whole seconds (and treats 1 as 2).
-            extra["connect_timeout"] = max(2, math.ceil(timeout))
+            per_host = max(2, math.ceil(timeout))
+            extra["connect_timeout"] = per_host
+        # The timeout applies to each host of a multi-host conninfo in turn;
+        # 0 in the conninfo means no limit at all.
+        hosts = max(
+            len(str(params.get(k) or "").split(",")) for k in ("host", "hostaddr")
+        )
+        limit = float(max(2, per_host) * hosts) if per_host > 0 else None
         if not any(k in params for k in _KEEPALIVE_KEYS):
             # Let the kernel notice dead peers too; health checks do the rest.
             extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
@@ -195,7 +217,7 @@ class Listener:
         def open_conn() -> psycopg.Connection[Any]:
             return psycopg.Connection.connect(conninfo, autocommit=True, **extra)
 
-        return open_conn, _close
+        return open_conn, _close, limit
 
     # -- engine callbacks (selector thread) -----------------------------------
     def _publish(

@@ -66,7 +66,9 @@ class Subscription:
         "_lock",
         "_overflow",
         "_pending",
+        "_plock",
         "_ring",
+        "_waiters",
     )
 
     def __init__(
@@ -80,10 +82,15 @@ class Subscription:
         self._channels = channels
         self._ring = ring
         self._overflow: Overflow = overflow
-        # Serialises consumers: the ring has a single consumer side.
+        # Serialises consumers: the ring has a single consumer side.  A
+        # thread may hold it while it sleeps in the ring's wait.
         self._lock = threading.Lock()
+        # Guards _pending and _waiters; never held while sleeping.
+        self._plock = threading.Lock()
         # Items taken from the ring but not yet handed out (iteration).
         self._pending: deque[Notification] = deque()
+        # asyncio tasks waiting, per event loop (one fd reader per loop).
+        self._waiters: dict[asyncio.AbstractEventLoop, set[asyncio.Future[None]]] = {}
         self._closed = False
         self._handler_thread: threading.Thread | None = None
 
@@ -120,10 +127,6 @@ class Subscription:
             buffered_bytes=self._ring.used,
         )
 
-    def fileno(self) -> int:
-        """The wake-up fd: readable when a sleeping consumer should look again."""
-        return self._ring.wake.rfd
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return (
@@ -136,11 +139,12 @@ class Subscription:
         """Take up to ``max_items`` ready items.  Caller holds ``_lock``."""
         pending = self._pending
         if pending:
-            if len(pending) <= max_items:
-                out = list(pending)
-                pending.clear()
-            else:
-                out = [pending.popleft() for _ in range(max_items)]
+            with self._plock:
+                if len(pending) <= max_items:
+                    out = list(pending)
+                    pending.clear()
+                else:
+                    out = [pending.popleft() for _ in range(max_items)]
             if len(out) < max_items:
                 out += self._ring.drain(self._channels, max_items - len(out))
             return out
@@ -219,11 +223,8 @@ class Subscription:
     def __iter__(self) -> Iterator[Notification]:
         """Yield items as they arrive; ends once closed and drained."""
         while True:
-            with self._lock:
-                if self._pending:
-                    item: Notification | None = self._pending.popleft()
-                else:
-                    item = None
+            with self._plock:
+                item = self._pending.popleft() if self._pending else None
             if item is not None:
                 yield item
                 continue
@@ -234,23 +235,69 @@ class Subscription:
             if len(batch) > 1:
                 # Keep the rest in the subscription, not in this generator:
                 # an abandoned iterator must not lose anything.
-                with self._lock:
+                with self._plock:
                     self._pending.extendleft(reversed(batch[1:]))
             yield batch[0]
 
     # -- asyncio -----------------------------------------------------------
+    def _async_register(
+        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
+    ) -> None:
+        with self._plock:
+            waiters = self._waiters.get(loop)
+            if waiters is None:
+                waiters = self._waiters[loop] = set()
+                # One reader per loop and fd: add_reader would replace the
+                # callback of another task of the same loop.
+                loop.add_reader(self._ring.wake.rfd, self._async_wake, loop)
+            waiters.add(fut)
+
+    def _async_unregister(
+        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
+    ) -> None:
+        with self._plock:
+            waiters = self._waiters.get(loop)
+            if waiters is None:
+                return
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[loop]
+                loop.remove_reader(self._ring.wake.rfd)
+
+    def _async_wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """fd reader callback: wake every task of ``loop`` waiting here."""
+        with self._plock:
+            waiters = self._waiters.pop(loop, set())
+            loop.remove_reader(self._ring.wake.rfd)
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _async_disarm(self) -> None:
+        # Only under the consumer lock: a thread sleeping in the ring's wait
+        # holds it and relies on the flag.
+        if self._lock.acquire(blocking=False):
+            try:
+                self._ring.consumer_wait_disarm()
+            finally:
+                self._lock.release()
+
     async def _get_many_async(
         self, max_items: int, timeout: float | None
     ) -> list[Notification]:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         ring = self._ring
-        fd = ring.wake.rfd
         while True:
             # Never block the event loop on the consumer lock: a thread that
-            # holds it is taking items, so we simply look again when woken.
+            # holds it is taking items (or sleeping in the ring's wait, and
+            # will be woken by the same signal), so look again when woken.
             if self._lock.acquire(blocking=False):
                 try:
+                    if not ring.closed:
+                        # No thread sleeps in the wait while we hold the
+                        # lock: consume the signal, then look.
+                        ring.wake.clear()
                     items = self._take(max_items)
                     if items:
                         return items
@@ -262,30 +309,23 @@ class Subscription:
                     self._lock.release()
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
-                ring.consumer_wait_disarm()
+                self._async_disarm()
                 return []
             fut: asyncio.Future[None] = loop.create_future()
-
-            def _ready(fut: asyncio.Future[None] = fut) -> None:
-                if not fut.done():
-                    fut.set_result(None)
-
-            loop.add_reader(fd, _ready)
+            self._async_register(loop, fut)
             try:
                 if left is None:
                     await fut
                 else:
                     await asyncio.wait_for(fut, left)
             except asyncio.TimeoutError:
-                ring.consumer_wait_disarm()
+                self._async_disarm()
                 return []
             except BaseException:
-                ring.consumer_wait_disarm()
+                self._async_disarm()
                 raise
             finally:
-                loop.remove_reader(fd)
-            if not ring.closed:
-                ring.wake.clear()
+                self._async_unregister(loop, fut)
 
     async def get_async(self, timeout: float | None = None) -> Notification:
         """Asyncio form of :meth:`get`; cancelling it loses nothing."""
@@ -312,11 +352,11 @@ class Subscription:
             except Closed:
                 return
             if len(batch) > 1:
-                with self._lock:
+                with self._plock:
                     self._pending.extendleft(reversed(batch[1:]))
             yield batch[0]
             while True:
-                with self._lock:
+                with self._plock:
                     if not self._pending:
                         break
                     item = self._pending.popleft()
