@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -215,3 +219,28 @@ def test_root_runs_server_as_postgres(pg_server: PgServer, conn: Conn) -> None:
     pid = pg_server.postmaster_pid
     assert pid is not None
     assert os.stat(f"/proc/{pid}").st_uid != 0
+
+
+def test_orphaned_cluster_is_reaped(tmp_path: Path) -> None:
+    """A cluster whose owner was SIGKILLed is stopped by the next TempCluster."""
+    script = (
+        "import os, signal, sys\n"
+        "from pglisten_fast.testing import TempCluster\n"
+        "c = TempCluster().start()\n"
+        "print(c.basedir, c.postmaster_pid, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    basedir, pid = proc.stdout.split()
+    assert Path(basedir).exists()
+    with TempCluster() as fresh:
+        assert fresh.is_running()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "orphaned postmaster still running"
+    assert not Path(basedir).exists()

@@ -269,6 +269,35 @@ def _cleanup_at_exit() -> None:
 
 atexit.register(_cleanup_at_exit)
 
+#: Written into each cluster's directory: the pid of the process that owns it.
+_OWNER_FILE = "owner.pid"
+
+
+def _reap_orphans(parent: str | None) -> None:
+    """Stop and remove clusters whose owning process died without cleaning up.
+
+    A process killed outright (SIGKILL, or SIGTERM with no handler) never
+    runs its atexit hook; its server would run forever.  Clusters of live
+    processes are left alone.
+    """
+    base = Path(parent or tempfile.gettempdir())
+    for d in base.glob("pglisten-fast-*"):
+        try:
+            owner = int((d / _OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if owner == os.getpid() or _pid_alive(owner):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            line = (d / "data" / "postmaster.pid").read_text().splitlines()[0]
+            pid = int(line.strip())
+            # SIGQUIT is PostgreSQL's immediate shutdown; the children follow.
+            os.kill(pid, signal.SIGQUIT)
+            deadline = time.monotonic() + 10
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        shutil.rmtree(d, ignore_errors=True)
+
 
 # ---------------------------------------------------------------------------
 # TempCluster
@@ -608,7 +637,10 @@ class TempCluster:
             Path(tempfile.gettempdir()), run_as.pw_uid, run_as.pw_gid
         ):
             parent = "/tmp"
+        with contextlib.suppress(OSError):
+            _reap_orphans(parent)
         basedir = Path(tempfile.mkdtemp(prefix="pglisten-fast-", dir=parent))
+        (basedir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
         self._basedir = basedir
         self._run_as = run_as
         with _registry_lock:
