@@ -362,18 +362,25 @@ static PyObject *records_drain(PyObject *self, PyObject *args)
         const pglf_rec *h = pglf_ring_peek(r, &pos);
         PyObject *item = make_record(h, channels, encoding);
         if (item == NULL) {
-            /* Leave the failed record in the ring; hand out the ones before. */
-            if (before != start)
-                pglf_ring_consume(r, before, notifies);
+            /* Leave the failed record in the ring; hand out the ones before
+             * (the list is cut first: only what is handed out is consumed). */
             if (n == 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            PyErr_Clear();
+            PyObject *exc_type, *exc_value, *exc_tb;
+            PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
             if (PyList_SetSlice(out, n, count, NULL) < 0) {
+                Py_XDECREF(exc_type);
+                Py_XDECREF(exc_value);
+                Py_XDECREF(exc_tb);
                 Py_DECREF(out);
-                return NULL;
+                return NULL;   /* nothing consumed: all stays in the ring */
             }
+            Py_XDECREF(exc_type);
+            Py_XDECREF(exc_value);
+            Py_XDECREF(exc_tb);
+            pglf_ring_consume(r, before, notifies);
             return out;
         }
         PyList_SET_ITEM(out, n, item);
@@ -396,6 +403,9 @@ static struct PyModuleDef records_module = {
 
 PyMODINIT_FUNC PyInit__records(void)
 {
+    /* Objects of a previous interpreter (Py_Finalize, then Py_Initialize in
+     * an embedding application) are gone: forget them. */
+    freelist_len = 0;
     if (PyType_Ready(&NotificationType) < 0)
         return NULL;
     PyObject *match_args = Py_BuildValue("(sss)", "channel", "payload", "pid");

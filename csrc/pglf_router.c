@@ -60,6 +60,7 @@ struct pglf_router {
     size_t ndirty, capdirty;
     size_t owing_subs;
     int busy;
+    int wake_fd;         /* the selector's wake-up fd while in pglf_run */
 
     /* the notification kept aside while a "block" ring is full */
     int stashed;
@@ -95,6 +96,7 @@ pglf_router *pglf_router_new(void)
     pglf_router *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return NULL;
+    r->wake_fd = -1;
     r->nbuckets = 64;
     r->buckets = calloc(r->nbuckets, sizeof(entry *));
     if (r->buckets == NULL) {
@@ -394,6 +396,19 @@ int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
         reason = PGLF_REASON_LISTEN;   /* the first marker is always "listen" */
     else if (reason != PGLF_REASON_LISTEN && reason != PGLF_REASON_RECONNECT)
         return PGLF_EINVAL;
+    /* Drops counted before this activation belong before its marker: write
+     * their overflow marker first if it fits (else it follows the reason
+     * marker, which resets the consumer's state anyway). */
+    if (s->owed_dropped[idx] && !s->owed_reason[idx]) {
+        uint64_t n = s->owed_dropped[idx];
+        if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW, idx,
+                            0, &n, sizeof(n), 0) == PGLF_OK) {
+            BUMP(r->markers, 1);
+            s->owed_dropped[idx] = 0;
+            mark_dirty(r, s);
+            settle(r, s, idx);
+        }
+    }
     owe(r, s, idx);
     /* A still-owed "listen" marker stays "listen"; owed reconnects merge. */
     if (s->owed_reason[idx] != PGLF_REASON_LISTEN)
@@ -607,10 +622,14 @@ static size_t relname_len(const PGnotify *n)
     return strlen(n->relname);
 }
 
-static int readable_now(int sock)
+/* More bytes are waiting on the socket, and no control event is. */
+static int readable_now(int sock, int wake_fd)
 {
-    struct pollfd p = {.fd = sock, .events = POLLIN};
-    return sock >= 0 && poll(&p, 1, 0) > 0 && (p.revents & POLLIN);
+    struct pollfd p[2] = {{.fd = sock, .events = POLLIN},
+                          {.fd = wake_fd, .events = POLLIN}};
+    if (sock < 0 || poll(p, 2, 0) <= 0)
+        return 0;
+    return (p[0].revents & POLLIN) && !p[1].revents;
 }
 
 int pglf_pump(pglf_router *r, PGconn *conn)
@@ -643,7 +662,7 @@ int pglf_pump(pglf_router *r, PGconn *conn)
          * read (each wake-up of a sleeping thread costs microseconds).  A
          * trickle wakes them at once: no latency is added there. */
         if (flags || (r->busy && !PQisBusy(conn)) || k < BURST_READ ||
-            !readable_now(PQsocket(conn)))
+            !readable_now(PQsocket(conn), r->wake_fd))
             break;
     }
     pglf_router_wake(r);
@@ -664,6 +683,9 @@ int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
     int sock = PQsocket(conn);
     if (sock < 0)
         return PGLF_RUN_ERROR;
+    /* A long burst is read on in pglf_pump until this fd (commands, stop,
+     * consumers that freed space) asks for attention. */
+    r->wake_fd = wake_fd;
     int64_t deadline = timeout_ms >= 0 ? mono_ms() + timeout_ms : -1;
     for (;;) {
         /* Queries are sent in non-blocking mode: push what is left of them

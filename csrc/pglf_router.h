@@ -108,6 +108,9 @@ uint64_t pglf_router_markers(const pglf_router *r);
  * record and PQfreemem it, then wake consumers.  Returns PGLF_RUN_* flags.
  */
 int pglf_pump(pglf_router *r, PGconn *conn);
+/* (A burst is read on while the socket has more bytes and the wake-up fd
+ * of the enclosing pglf_run, if any, is quiet; consumers are woken at
+ * least every 4,096 notifications.) */
 
 /*
  * The selector's wait loop: poll the libpq socket (unless blocked) and

@@ -244,3 +244,49 @@ def test_async_and_thread_consumers_together(
     t.join(15)
     assert not t.is_alive()
     assert sorted(from_thread + from_task) == list(range(total))
+
+
+def test_a_timed_out_waiter_does_not_strand_another(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    sub = _listen_ready(listener, "a_timeout_other")
+
+    async def main() -> str:
+        a = asyncio.create_task(sub.get_async(timeout=10))
+        with pytest.raises(pgl.Empty):
+            await sub.get_async(timeout=0.1)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, pgl.notify, conn, "a_timeout_other", "x")
+        return (await a).payload
+
+    assert asyncio.run(main()) == "x"
+
+
+def test_task_waiting_beside_a_blocked_thread_gets_its_share(
+    listener: pgl.Listener, conn: psycopg.Connection[Any]
+) -> None:
+    """A thread asleep in get() holds the consumer lock; the task still wakes."""
+    sub = _listen_ready(listener, "a_beside_thread")
+    got_thread: list[str] = []
+    entered = threading.Event()
+
+    def thread_consumer() -> None:
+        entered.set()
+        got_thread.append(sub.get(timeout=10).payload)
+
+    t = threading.Thread(target=thread_consumer)
+    t.start()
+    assert entered.wait(10)
+
+    async def main() -> str:
+        task = asyncio.create_task(sub.get_async(timeout=10))
+        await asyncio.sleep(0.05)  # both consumers are asleep now
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, pgl.notify, conn, "a_beside_thread", "one")
+        await loop.run_in_executor(None, t.join, 10)
+        await loop.run_in_executor(None, pgl.notify, conn, "a_beside_thread", "two")
+        return (await task).payload
+
+    from_task = asyncio.run(main())
+    assert not t.is_alive()
+    assert sorted([*got_thread, from_task]) == ["one", "two"]

@@ -558,9 +558,12 @@ class Engine:
                 raise _Lost(f"the server is a hot standby and refuses LISTEN ({msg}); "
                             "point the listener at the primary (e.g. "
                             "target_session_attrs=read-write)")
-            if q.kind == "sync":
+            state = errors[0].error_field(pq.DiagnosticField.SQLSTATE) or b""
+            if q.kind == "sync" and q.listen and _refusal(state):
                 self._sync_failed(q, msg)
                 return
+            # Anything else (cancelled, out of resources, ...) may pass: the
+            # connection is reset and the whole state replayed.
             raise _Lost(f"{q.kind} query failed: {msg}")
         if q.kind == "init":
             row = q.results[-1]
@@ -729,6 +732,17 @@ class Engine:
             for _op, sub in list(self.commands):
                 sub._closed_by_listener()
             self.commands.clear()
+
+
+def _refusal(sqlstate: bytes) -> bool:
+    """Whether an error refuses the statement itself (retrying won't help).
+
+    Data exceptions (22: e.g. a name with no equivalent in the database
+    encoding), syntax or access rule violations (42), unsupported features
+    (0A), program limits (54).  Cancellations, timeouts and resource errors
+    are transient instead.
+    """
+    return sqlstate[:2] in (b"22", b"42", b"0A", b"54")
 
 
 def _guarded(release: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -191,24 +191,26 @@ class Listener:
 
             return from_pool, give_back, timeout
         if connect is not None:
-            return connect, _close, timeout
+            user_connect = connect
+
+            def checked_connect() -> psycopg.Connection[Any]:
+                conn = user_connect()
+                if not isinstance(conn, psycopg.Connection):
+                    raise TypeError(
+                        "connect must return a psycopg.Connection, got "
+                        f"{type(conn).__name__}"
+                    )
+                return conn
+
+            return checked_connect, _close, timeout
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.ProgrammingError as e:
             raise ValueError(f"invalid conninfo: {e}") from e
         extra: dict[str, Any] = {}
-        if "connect_timeout" in params:
-            per_host = int(params["connect_timeout"] or 0)
-        else:
+        if "connect_timeout" not in params:
             # libpq takes whole seconds (and treats 1 as 2).
-            per_host = max(2, math.ceil(timeout))
-            extra["connect_timeout"] = per_host
-        # The timeout applies to each host of a multi-host conninfo in turn;
-        # 0 in the conninfo means no limit at all.
-        hosts = max(
-            len(str(params.get(k) or "").split(",")) for k in ("host", "hostaddr")
-        )
-        limit = float(max(2, per_host) * hosts) if per_host > 0 else None
+            extra["connect_timeout"] = max(2, math.ceil(timeout))
         if not any(k in params for k in _KEEPALIVE_KEYS):
             # Let the kernel notice dead peers too; health checks do the rest.
             extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
@@ -217,7 +219,9 @@ class Listener:
         def open_conn() -> psycopg.Connection[Any]:
             return psycopg.Connection.connect(conninfo, autocommit=True, **extra)
 
-        return open_conn, _close, limit
+        # psycopg bounds every attempt (each host and address in turn) by
+        # connect_timeout itself; no second, coarser bound on top.
+        return open_conn, _close, None
 
     # -- engine callbacks (selector thread) -----------------------------------
     def _publish(

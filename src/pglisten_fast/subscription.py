@@ -184,6 +184,20 @@ class Subscription:
                     raise Error("cannot wait on the subscription's wake-up fd")
                 # READY, or TIMEOUT/EINTR: re-check (lets signal handlers run).
         finally:
+            self._release_consumer()
+
+    def _release_consumer(self) -> None:
+        """Release the consumer lock, keeping asyncio waiters' wake-ups armed.
+
+        A consumer may have taken the signal meant for a waiting task, or
+        cleared the ring's "consumer waiting" flag (a timed-out wait does):
+        re-arm on the waiters' behalf, and wake them if records are already
+        there.  Done under ``_plock``, which a task also holds while it
+        registers and tries the lock, so no task can slip between the two.
+        """
+        with self._plock:
+            if self._waiters and self._ring.consumer_wait_arm():
+                self._ring.wake.signal()
             self._lock.release()
 
     def get(self, timeout: float | None = None) -> Notification:
@@ -243,14 +257,14 @@ class Subscription:
     def _async_register(
         self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
     ) -> None:
-        with self._plock:
-            waiters = self._waiters.get(loop)
-            if waiters is None:
-                waiters = self._waiters[loop] = set()
-                # One reader per loop and fd: add_reader would replace the
-                # callback of another task of the same loop.
-                loop.add_reader(self._ring.wake.rfd, self._async_wake, loop)
-            waiters.add(fut)
+        """Register ``fut`` to be woken; caller holds ``_plock``."""
+        waiters = self._waiters.get(loop)
+        if waiters is None:
+            # One reader per loop and fd: add_reader would replace the
+            # callback of another task of the same loop.
+            loop.add_reader(self._ring.wake.rfd, self._async_wake, loop)
+            waiters = self._waiters[loop] = set()
+        waiters.add(fut)
 
     def _async_unregister(
         self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
@@ -273,15 +287,6 @@ class Subscription:
             if not fut.done():
                 fut.set_result(None)
 
-    def _async_disarm(self) -> None:
-        # Only under the consumer lock: a thread sleeping in the ring's wait
-        # holds it and relies on the flag.
-        if self._lock.acquire(blocking=False):
-            try:
-                self._ring.consumer_wait_disarm()
-            finally:
-                self._lock.release()
-
     async def _get_many_async(
         self, max_items: int, timeout: float | None
     ) -> list[Notification]:
@@ -289,14 +294,13 @@ class Subscription:
         deadline = None if timeout is None else loop.time() + timeout
         ring = self._ring
         while True:
-            # Never block the event loop on the consumer lock: a thread that
-            # holds it is taking items (or sleeping in the ring's wait, and
-            # will be woken by the same signal), so look again when woken.
-            if self._lock.acquire(blocking=False):
+            # Never block the event loop on the consumer lock.
+            contended = not self._lock.acquire(blocking=False)
+            if not contended:
                 try:
                     if not ring.closed:
-                        # No thread sleeps in the wait while we hold the
-                        # lock: consume the signal, then look.
+                        # No thread sleeps in the ring's wait while we hold
+                        # the lock: consume the signal, then look.
                         ring.wake.clear()
                     items = self._take(max_items)
                     if items:
@@ -306,24 +310,31 @@ class Subscription:
                     if ring.consumer_wait_arm():
                         continue  # records (or a close) arrived meanwhile
                 finally:
-                    self._lock.release()
+                    self._release_consumer()
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
-                self._async_disarm()
+                # The wait flag stays armed: at worst one spurious wake-up,
+                # while clearing it could strand another waiter.
                 return []
             fut: asyncio.Future[None] = loop.create_future()
-            self._async_register(loop, fut)
+            with self._plock:
+                self._async_register(loop, fut)
+                # We armed the ring ourselves, or whoever holds the lock now
+                # re-arms for us when releasing it (_release_consumer); if it
+                # was released in between, look again.
+                free = contended and self._lock.acquire(blocking=False)
+                if free:
+                    self._lock.release()
+            if free:
+                self._async_unregister(loop, fut)
+                continue
             try:
                 if left is None:
                     await fut
                 else:
                     await asyncio.wait_for(fut, left)
             except asyncio.TimeoutError:
-                self._async_disarm()
                 return []
-            except BaseException:
-                self._async_disarm()
-                raise
             finally:
                 self._async_unregister(loop, fut)
 

@@ -277,25 +277,48 @@ def _reap_orphans(parent: str | None) -> None:
     """Stop and remove clusters whose owning process died without cleaning up.
 
     A process killed outright (SIGKILL, or SIGTERM with no handler) never
-    runs its atexit hook; its server would run forever.  Clusters of live
-    processes are left alone.
+    runs its atexit hook; its server would run forever.  Only directories of
+    ours are considered (owned by this user, or by the server user when
+    running as root), and a server is stopped only once it is proven to be
+    that directory's postmaster (its working directory is the data
+    directory); otherwise the directory is left alone.
     """
     base = Path(parent or tempfile.gettempdir())
+    uids = {os.geteuid()}
+    if os.geteuid() == 0:
+        with contextlib.suppress(KeyError):
+            uids.add(pwd.getpwnam(_SERVER_USER).pw_uid)
     for d in base.glob("pglisten-fast-*"):
         try:
+            st = d.lstat()
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in uids:
+                continue
             owner = int((d / _OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue  # not ours, or still being created
         if owner == os.getpid() or _pid_alive(owner):
             continue
-        with contextlib.suppress(OSError, ValueError):
-            line = (d / "data" / "postmaster.pid").read_text().splitlines()[0]
-            pid = int(line.strip())
+        data = d / "data"
+        pid = None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+        if pid is not None and _pid_alive(pid):
+            try:
+                cwd = os.path.realpath(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if cwd != os.path.realpath(data):
+                continue  # a recycled pid: not that cluster's server
             # SIGQUIT is PostgreSQL's immediate shutdown; the children follow.
-            os.kill(pid, signal.SIGQUIT)
+            try:
+                os.kill(pid, signal.SIGQUIT)
+            except OSError:
+                continue
             deadline = time.monotonic() + 10
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            if _pid_alive(pid):
+                continue
         shutil.rmtree(d, ignore_errors=True)
 
 
