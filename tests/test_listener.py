@@ -16,6 +16,7 @@ The file passes under both read paths: run it with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -1029,6 +1030,23 @@ def test_notification_repr_eq_hash_pickle(listener: pgl.Listener, conn: Conn) ->
 # ---------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _temp_database(pg_server: Any, encoding: str) -> Iterator[str]:
+    """A database in ``encoding`` (C locale) for one module; dropped after."""
+    name = f"pglf_{encoding.lower()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
+        c.execute(sql.SQL(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING {} "
+            "LC_COLLATE 'C' LC_CTYPE 'C'").format(
+                sql.Identifier(name), sql.Literal(encoding)))
+    try:
+        yield make_conninfo(pg_server.dsn, dbname=name)
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
+            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                sql.Identifier(name)))
+
+
 @pytest.fixture(scope="module")
 def sql_ascii_dsn(pg_server: Any) -> Iterator[str]:
     """A database in SQL_ASCII, where a payload may hold any byte but NUL.
@@ -1036,17 +1054,8 @@ def sql_ascii_dsn(pg_server: Any) -> Iterator[str]:
     The server sends such bytes unchecked to SQL_ASCII clients, validates
     them for other clients (LATIN1 accepts every byte; UTF-8 does not).
     """
-    name = f"pglf_ascii_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
-        c.execute(sql.SQL(
-            "CREATE DATABASE {} TEMPLATE template0 ENCODING 'SQL_ASCII' "
-            "LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Identifier(name)))
-    try:
-        yield make_conninfo(pg_server.dsn, dbname=name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
-            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+    with _temp_database(pg_server, "SQL_ASCII") as dsn:
+        yield dsn
 
 
 _BAD_BYTES_SQL = ("SELECT pg_notify('bytes', "
@@ -1211,17 +1220,8 @@ def test_nothing_committed_after_unlisten_is_delivered(
 @pytest.fixture(scope="module")
 def latin1_dsn(pg_server: Any) -> Iterator[str]:
     """A LATIN1 database: channel names outside LATIN1 cannot be LISTENed."""
-    name = f"pglf_latin1_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
-        c.execute(sql.SQL(
-            "CREATE DATABASE {} TEMPLATE template0 ENCODING 'LATIN1' "
-            "LC_COLLATE 'C' LC_CTYPE 'C'").format(sql.Identifier(name)))
-    try:
-        yield make_conninfo(pg_server.dsn, dbname=name)
-    finally:
-        with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
-            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
-                sql.Identifier(name)))
+    with _temp_database(pg_server, "LATIN1") as dsn:
+        yield dsn
 
 
 def test_refused_listen_closes_only_its_subscription(

@@ -615,8 +615,6 @@ class Engine:
                 logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
                              len(q.listen), len(q.unlisten))
             self._sync()
-        if self.failures and time.monotonic() - self.connected_at >= HEALTHY_AFTER:
-            self.failures = 0
 
     def _sync_failed(self, q: _Query, msg: str) -> None:
         """The server refused a LISTEN/UNLISTEN batch; nothing of it took effect.
@@ -772,4 +770,4 @@ def _describe(err: BaseException | None) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-__all__ = ["BLOCKED", "Engine"]
+__all__ = ["Engine"]

@@ -234,6 +234,17 @@ class Subscription:
             raise ValueError(f"max_items must be a positive int, got {max_items!r}")
         return self._get_many(max_items, timeout)
 
+    def _keep(self, rest: list[Notification]) -> None:
+        """Put items back in front, in order, for the next reader.
+
+        Iterators take a batch but yield one item at a time: the rest stays
+        in the subscription, not in the generator, so that an abandoned
+        iterator loses nothing.
+        """
+        if rest:
+            with self._plock:
+                self._pending.extendleft(reversed(rest))
+
     def __iter__(self) -> Iterator[Notification]:
         """Yield items as they arrive; ends once closed and drained."""
         while True:
@@ -246,11 +257,7 @@ class Subscription:
                 batch = self._get_many(256, None)
             except Closed:
                 return
-            if len(batch) > 1:
-                # Keep the rest in the subscription, not in this generator:
-                # an abandoned iterator must not lose anything.
-                with self._plock:
-                    self._pending.extendleft(reversed(batch[1:]))
+            self._keep(batch[1:])
             yield batch[0]
 
     # -- asyncio -----------------------------------------------------------
@@ -362,9 +369,7 @@ class Subscription:
                 batch = await self._get_many_async(256, None)
             except Closed:
                 return
-            if len(batch) > 1:
-                with self._plock:
-                    self._pending.extendleft(reversed(batch[1:]))
+            self._keep(batch[1:])
             yield batch[0]
             while True:
                 with self._plock:
