@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pglisten_fast import Notification
-from pglisten_fast._ring import OK, Ring
+from pglisten_fast._ring import Ring, Status
 
 BATCH = 10_000
 CHANNELS = ("bench",)
@@ -55,7 +55,7 @@ def test_write_32b_from_python(benchmark: Any, ring: Ring) -> None:
         return (ring,), {}
 
     benchmark.pedantic(fill, setup=setup, rounds=100, iterations=1)
-    assert ring.write(b"x") == OK
+    assert ring.write(b"x") == Status.OK
     assert len(ring.drain(CHANNELS, 2 * BATCH)) == BATCH + 1
 
 

@@ -28,16 +28,7 @@ from pathlib import Path
 import pytest
 
 from pglisten_fast._records import Notification
-from pglisten_fast._ring import (
-    CLOSED,
-    EINTR,
-    FULL,
-    KIND_NOTIFY,
-    OK,
-    READY,
-    RawRecord,
-    Ring,
-)
+from pglisten_fast._ring import Kind, RawRecord, Ring, Status
 
 ROOT = Path(__file__).resolve().parent.parent
 RING_CAP = 64 * 1024
@@ -129,9 +120,9 @@ class Producer:
                 off = rng.randrange(len(pool) - length + 1)
                 payload = make_payload(seq, pool[off : off + length])
                 chan, pid = seq % len(CHANNELS), seq & 0x7FFFFFFF
-                while (rc := ring.write(payload, chan=chan, pid=pid)) == FULL:
+                while (rc := ring.write(payload, chan=chan, pid=pid)) == Status.FULL:
                     self.wait_for_space(2 * rec_size(len(payload)))
-                if rc != OK:
+                if rc != Status.OK:
                     raise AssertionError(f"producer: write returned {rc} at seq {seq}")
                 seq += 1
             ring.wake_consumer()
@@ -149,7 +140,7 @@ class Consumer:
 
     def check_raw(self, rec: RawRecord) -> None:
         seq = self.next
-        expected = (KIND_NOTIFY, 0, seq % len(CHANNELS), seq & 0x7FFFFFFF)
+        expected = (Kind.NOTIFY, 0, seq % len(CHANNELS), seq & 0x7FFFFFFF)
         if (rec.kind, rec.reason, rec.chan, rec.pid) != expected:
             raise AssertionError(f"seq {seq}: header {rec[:4]} != {expected}")
         check_payload(seq, rec.payload)
@@ -188,9 +179,9 @@ class Consumer:
                 continue
             self.sleeps += 1
             rc = ring.wait(WAIT_S)
-            if rc == CLOSED:
+            if rc == Status.CLOSED:
                 break
-            if rc not in (READY, EINTR):
+            if rc not in (Status.READY, Status.EINTR):
                 raise AssertionError(f"consumer: wait returned {rc} at seq {self.next}")
         if self.next != self.n:
             raise AssertionError(f"CLOSED after {self.next} of {self.n} records")

@@ -22,7 +22,7 @@ effect, after a reconnect, and where a full buffer dropped notifications.
 
 from __future__ import annotations
 
-from ._hotpath import IMPL as __impl__
+from ._readpath import IMPL as __impl__
 from ._records import Notification
 from .errors import Closed, ConnectError, Empty, Error
 from .listener import Listener, ListenerStats, start_listener

@@ -2,346 +2,272 @@
 
 One :class:`Engine` per Listener, running on the thread
 ``pglisten-fast-selector``, the only thread that ever touches the
-connection.  API threads talk to it through a command queue and a wake-up
-fd.  In steady state the thread sits in C (``pglf_run``: poll, read,
-route, write rings, wake consumers) without the GIL, and comes back to
-Python only for control events: commands, query results (LISTEN, pings),
-health-check timers, errors, and full "block" rings.
+connection.  API threads talk to it through :meth:`Engine.submit`,
+:meth:`Engine.request_stop` and the wake-up fd.  In steady state the
+thread sits in the read path (:mod:`._readpath`: poll, read, route, write
+rings, wake consumers; in C without the GIL) and comes back here only for
+control events: commands, query results, health-check timers, errors and
+full "block" rings.
 
 Connection life cycle::
 
-    disconnected --(connect thread)--> connected: "init" query
-        (backend pid, recovery check) --> sync: one query with every
+    disconnected --(connect thread)--> connected: INIT query
+        (backend pid, recovery check) --> SYNC: one query with every
         pending UNLISTEN/LISTEN --> markers, targets active --> steady state
     any failure --> deactivate every target, close, back off, reconnect
+
+Where the parts live: channel bookkeeping in :mod:`._channels`, queries
+and their answers in :mod:`._queries`, connection sources and backoff in
+:mod:`._connect`, routing in :mod:`._router`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import select
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
-from psycopg import pq
 
-from . import _hotpath
-from ._hotpath import (
-    BLOCKED,
-    RUN_BLOCKED,
-    RUN_EINTR,
-    RUN_ERROR,
-    RUN_RESULT,
-    RUN_TIMEOUT,
-    RUN_WAKE,
+from . import _queries as queries
+from ._channels import ChannelBook
+from ._commands import AddSub, Command, SubSpec
+from ._connect import (
+    HEALTHY_AFTER,
+    Backoff,
+    ConnectAttempt,
+    SessionLost,
+    Source,
+    describe,
 )
-from ._pglf import ffi, lib
-from ._ring import REASON_RECONNECT, WakeFd
+from ._queries import Query, QueryKind
+from ._readpath import ReadPath, open_read_path
+from ._ring import Reason, Ring, WakeFd
+from ._router import ChannelState, Router, RouterCounters, RouterSub, RunFlag
 
-if TYPE_CHECKING:
-    from .subscription import Subscription
+__all__ = ["Engine"]
 
 logger = logging.getLogger("pglisten_fast")
 
-#: A connection that stayed up this long resets the reconnect backoff.
-HEALTHY_AFTER = 10.0
-
-_ACTIVE_STATE = 2  # pglf_sub_state: active and announced
-
-Connector = Callable[[], "psycopg.Connection[Any]"]
-
-
-class _Lost(Exception):
-    """The connection is unusable; the message says why."""
-
-
-@dataclass(slots=True)
-class _SubRec:
-    sub: Subscription
-    csub: Any
-    channels: tuple[str, ...]
-
-
-@dataclass(slots=True)
-class _Query:
-    kind: str                      # "init", "sync" or "ping"
-    deadline: float | None
-    listen: list[str] = field(default_factory=list)
-    unlisten: list[str] = field(default_factory=list)
-    results: list[pq.abc.PGresult] = field(default_factory=list)
-
-
-class _ConnectAttempt:
-    """A connection being opened on a helper thread (so stop never waits)."""
-
-    def __init__(self, connector: Connector, release: Callable[[Any], None],
-                 wake: WakeFd) -> None:
-        self.conn: psycopg.Connection[Any] | None = None
-        self.error: BaseException | None = None
-        self.done = False
-        self._abandoned = False
-        self._lock = threading.Lock()
-        self._connector = connector
-        self._release = release
-        self._wake = wake
-        self.started = time.monotonic()
-        self.thread = threading.Thread(
-            target=self._run, name="pglisten-fast-connect", daemon=True
-        )
-        self.thread.start()
-
-    def _run(self) -> None:
-        conn = None
-        err: BaseException | None = None
-        try:
-            conn = self._connector()
-        except BaseException as e:  # reported to the selector thread
-            err = e
-        with self._lock:
-            abandoned = self._abandoned
-            self.conn, self.error, self.done = conn, err, True
-        if abandoned:
-            if conn is not None:
-                self._release(conn)
-        else:
-            self._wake.signal()
-
-    def abandon(self) -> None:
-        """Give up on the attempt; a late connection is closed by the helper."""
-        with self._lock:
-            self._abandoned = True
-            conn, self.conn = self.conn, None
-        if conn is not None:
-            self._release(conn)
+#: Deadline allowance for very large LISTEN batches, per statement.
+_SECONDS_PER_STATEMENT = 1e-4
 
 
 class Engine:
-    """State and loop of the selector thread (private to :class:`Listener`)."""
+    """State and loop of the selector thread (private to the Listener).
+
+    :param publish: pushes state to the Listener (keyword arguments of
+        ``Listener._publish``); called on the selector thread.
+    :param on_first_attempt: told the outcome of the first connection
+        attempt (None: success); returns False to stop instead of retrying.
+    """
 
     def __init__(
         self,
         *,
-        connector: Connector,
-        release: Callable[[Any], None],
-        connect_timeout: float | None,
+        source: Source,
         reconnect_delay: float,
         max_reconnect_delay: float,
         health_check_interval: float,
         health_check_timeout: float,
-        wake: WakeFd,
         publish: Callable[..., None],
         on_first_attempt: Callable[[BaseException | None], bool],
     ) -> None:
-        self.connector = connector
-        self.release = _guarded(release)
-        self.connect_timeout = connect_timeout
-        self.reconnect_delay = reconnect_delay
-        self.max_reconnect_delay = max_reconnect_delay
-        self.hc_interval = health_check_interval
-        self.hc_timeout = health_check_timeout
-        self.wake = wake
-        self.publish = publish              # pushes state to the Listener
-        self.on_first_attempt = on_first_attempt
-        self.first_attempt_reported = False
+        self._source = source
+        self._backoff = Backoff(reconnect_delay, max_reconnect_delay)
+        self._hc_interval = health_check_interval
+        self._hc_timeout = health_check_timeout
+        self._publish = publish
+        self._on_first_attempt = on_first_attempt
+        self._first_attempt_reported = False
 
-        router = lib.pglf_router_new()
-        if router == ffi.NULL:
-            raise MemoryError("cannot allocate the notification router")
-        self.router = ffi.gc(router, lib.pglf_router_free)
+        self.wake = WakeFd()
+        self._router = Router()
+        self._commands: deque[Command] = deque()
+        self._stopping = False
 
-        self.commands: deque[tuple[str, Subscription]] = deque()
-        self.stopping = False
+        self._subs: dict[SubSpec, RouterSub] = {}
+        # channel -> (subscription, channel index) of every subscription on it
+        self._targets: dict[str, list[tuple[SubSpec, int]]] = {}
+        self._book = ChannelBook()
 
-        self.subs: dict[Subscription, _SubRec] = {}
-        self.attached: dict[str, list[tuple[_SubRec, int]]] = {}
-        self.desired: dict[str, int] = {}
-        self.server: set[str] = set()
-        # Channels to LISTEN one per query: a batch containing them failed.
-        self.isolate: set[str] = set()
-
-        self.conn: psycopg.Connection[Any] | None = None
-        self.pgconn: pq.abc.PGconn | None = None
-        self.conn_ptr: Any = None
-        self.poller: Any = None
-        self.sock = -1
-        self.sock_events: int | None = None   # registered events of sock
-        self.ready = False                  # init query done
-        self.query: _Query | None = None
-        self.attempt: _ConnectAttempt | None = None
-        self.next_connect = 0.0
-        self.failures = 0
-        self.connected_at = 0.0
-        self.server_pid: int | None = None
-        self.ever_connected = False
-        self.blocked_logged = False
-
-        self.use_c = _hotpath.IMPL == "c"
+        self._conn: psycopg.Connection[Any] | None = None
+        self._reader: ReadPath | None = None
+        self._ready = False                 # INIT query done
+        self._query: Query | None = None
+        self._attempt: ConnectAttempt | None = None
+        self._next_connect = 0.0
+        self._connected_at = 0.0
+        self._server_pid: int | None = None
+        self._ever_connected = False
+        self._blocked_logged = False
 
     # ------------------------------------------------------------------
-    # thread entry
+    # API threads
+    def submit(self, cmd: Command) -> None:
+        """Queue a command for the selector thread (any thread)."""
+        self._commands.append(cmd)
+        self.wake.signal()
+
+    def request_stop(self) -> None:
+        """Ask the selector thread to close everything and end (any thread)."""
+        self._stopping = True
+        self.wake.signal()
+
+    def make_ring(self, capacity: int) -> Ring:
+        """A ring whose consumer wakes this thread when it frees space."""
+        return Ring(capacity, producer_wfd=self.wake.wfd)
+
+    def counters(self) -> RouterCounters:
+        """``(received, dropped, markers)`` (any thread)."""
+        return self._router.counters()
+
     def run(self) -> None:
+        """The selector thread's body."""
         if hasattr(signal, "pthread_sigmask"):
             # Leave SIGINT/SIGTERM to the application's threads: a signal
             # landing here would only interrupt a poll for nothing.
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            while not self.stopping:
+            while not self._stopping:
                 try:
                     self._step()
-                except _Lost as e:
+                except SessionLost as e:
                     self._lost(str(e))
                 except Exception as e:
                     logger.exception("unexpected error in the selector "
                                      "thread; resetting the connection")
                     self._lost(f"internal error: {e!r}")
         finally:
-            self._teardown()
+            self.teardown()
 
+    def teardown(self) -> None:
+        """Close the connection and every subscription (the thread's last
+        act; also run by stop() on a listener that never started)."""
+        if self._attempt is not None:
+            self._attempt.abandon()
+            self._attempt = None
+        try:
+            self._close_conn()
+        finally:
+            # State first, then wake the consumers: whoever sees Closed also
+            # sees a disconnected listener.
+            self._publish(connected=False, channels=frozenset())
+            specs = list(self._subs)
+            while self._commands:
+                specs.append(self._commands.popleft().spec)
+            for spec in specs:
+                spec.ring.close()
+
+    # ------------------------------------------------------------------
     def _step(self) -> None:
         self._process_commands()
-        if self.stopping:
+        if self._stopping:
             return
-        if self.conn is None:
+        if self._conn is None:
             self._step_disconnected()
         else:
             self._step_connected()
 
-    # ------------------------------------------------------------------
-    # commands from API threads
     def _process_commands(self) -> None:
         changed = False
-        while self.commands:
-            op, sub = self.commands.popleft()
-            if op == "add":
-                self._add(sub)
+        while self._commands:
+            cmd = self._commands.popleft()
+            if isinstance(cmd, AddSub):
+                self._add(cmd.spec)
             else:
-                self._remove(sub)
+                self._remove(cmd.spec)
             changed = True
-        if changed and self.ready and self.query is None:
+        if changed:
             self._sync()
 
-    @staticmethod
-    def _encode(name: str) -> bytes:
-        # The connection is switched to UTF-8 (see _connected): every name
-        # is representable and arrives back from the server byte-identical.
-        # (listen() refused names that are not valid Unicode.)
-        return name.encode("utf-8")
-
-    def _add(self, sub: Subscription) -> None:
-        if sub in self.subs or sub.closed:
+    def _add(self, spec: SubSpec) -> None:
+        if spec in self._subs or spec.ring.closed:
             return
-        ring = sub._ring
-        n = len(sub.channels)
-        reserve = min(ring.capacity // 4, 64 * n + 64)
-        csub = lib.pglf_sub_new(
-            self.router, ring.ptr, n, 1 if sub.overflow == "block" else 0, reserve
-        )
-        if csub == ffi.NULL:
-            raise MemoryError("cannot allocate a subscription")
-        rec = _SubRec(sub, csub, sub.channels)
-        self.subs[sub] = rec
-        inflight_unlisten = set(self.query.unlisten) if self.query else set()
-        for idx, ch in enumerate(sub.channels):
-            raw = self._encode(ch)
-            if lib.pglf_sub_attach(self.router, csub, idx, raw, len(raw)) != 0:
-                raise MemoryError("cannot register a channel")
-            self.attached.setdefault(ch, []).append((rec, idx))
-            self.desired[ch] = self.desired.get(ch, 0) + 1
-            if self.ready and ch in self.server and ch not in inflight_unlisten:
+        rsub = self._router.add(spec.ring, spec.channels, block=spec.block,
+                                reserve=spec.reserve)
+        self._subs[spec] = rsub
+        self._book.want(spec.channels)
+        for idx, ch in enumerate(spec.channels):
+            self._targets.setdefault(ch, []).append((spec, idx))
+            if self._ready and self._book.in_effect(ch):
                 # Already LISTENed on this connection: in effect right now.
-                lib.pglf_sub_activate(self.router, csub, idx, REASON_RECONNECT)
-        lib.pglf_router_wake(self.router)
+                rsub.activate(idx, Reason.RECONNECT)
+        self._router.wake()
 
-    def _remove(self, sub: Subscription) -> None:
-        rec = self.subs.pop(sub, None)
-        if rec is None:
+    def _remove(self, spec: SubSpec) -> None:
+        rsub = self._subs.pop(spec, None)
+        if rsub is None:
             return
-        lib.pglf_sub_free(self.router, rec.csub)
-        rec.csub = None
-        for idx, ch in enumerate(rec.channels):
-            targets = self.attached.get(ch, [])
-            targets[:] = [t for t in targets if not (t[0] is rec and t[1] == idx)]
-            if not targets:
-                self.attached.pop(ch, None)
-            left = self.desired.get(ch, 0) - 1
-            if left > 0:
-                self.desired[ch] = left
+        rsub.free()
+        self._book.unwant(spec.channels)
+        for ch in spec.channels:
+            targets = [t for t in self._targets.get(ch, ()) if t[0] is not spec]
+            if targets:
+                self._targets[ch] = targets
             else:
-                self.desired.pop(ch, None)
-        sub._closed_by_listener()
+                self._targets.pop(ch, None)
+        spec.ring.close()
 
     # ------------------------------------------------------------------
     # disconnected
-    def _wait_wake(self, timeout: float | None) -> None:
-        if timeout is not None and timeout <= 0:
+    def _wait_wake(self, timeout: float) -> None:
+        if timeout <= 0:
             return
         # poll, not select: the fd may be numbered above FD_SETSIZE.
         p = select.poll()
         p.register(self.wake.rfd, select.POLLIN)
-        p.poll(None if timeout is None else timeout * 1000)
+        p.poll(timeout * 1000)
         self.wake.clear()
 
     def _step_disconnected(self) -> None:
-        att = self.attempt
-        if att is not None:
-            if not att.done:
-                if self.connect_timeout is None:
-                    self._wait_wake(1.0)
-                    return
-                left = att.started + self.connect_timeout + 1.0 - time.monotonic()
-                if left > 0:
-                    self._wait_wake(min(left, 1.0))
-                    return
-                # A user connect callable or a pool that ignores the timeout.
-                att.abandon()
-                self.attempt = None
-                self._connect_failed(TimeoutError(
-                    f"connection attempt took over {self.connect_timeout:g} s"))
-                return
-            self.attempt = None
-            if att.error is not None or att.conn is None:
-                self._connect_failed(att.error)
+        att = self._attempt
+        if att is None:
+            now = time.monotonic()
+            if now < self._next_connect:
+                self._wait_wake(self._next_connect - now)
             else:
-                self._connected(att.conn)
+                self._attempt = ConnectAttempt(self._source, self.wake.signal)
             return
-        now = time.monotonic()
-        if now < self.next_connect:
-            self._wait_wake(self.next_connect - now)
+        if not att.done:
+            left = att.overdue(time.monotonic())
+            if left is None or left > 0:
+                self._wait_wake(1.0 if left is None else min(left, 1.0))
+                return
+            # A user connect callable or a pool that ignores the timeout.
+            att.abandon()
+            self._attempt = None
+            self._connect_failed(TimeoutError(
+                f"connection attempt took over {self._source.attempt_bound:g} s"))
             return
-        self.attempt = _ConnectAttempt(self.connector, self.release, self.wake)
-
-    def _backoff(self) -> float:
-        base = min(self.max_reconnect_delay,
-                   self.reconnect_delay * (2 ** min(self.failures, 30)))
-        self.failures += 1
-        return float(min(self.max_reconnect_delay, base * random.uniform(0.8, 1.2)))
+        self._attempt = None
+        if att.error is not None or att.conn is None:
+            self._connect_failed(att.error)
+        else:
+            self._connected(att.conn)
 
     def _connect_failed(self, err: BaseException | None) -> None:
-        msg = _describe(err)
-        self.publish(last_error=msg)
+        msg = describe(err)
+        self._publish(last_error=msg)
         if not self._report_first(err if err is not None else RuntimeError(msg)):
             return  # start(wait=True) raises it; no retry
-        delay = self._backoff()
-        self.next_connect = time.monotonic() + delay
+        delay = self._backoff.next()
+        self._next_connect = time.monotonic() + delay
         logger.warning("connection attempt failed (%s); "
                        "retrying in %.2f s", msg, delay)
 
     def _report_first(self, err: BaseException | None) -> bool:
         """Report the outcome of the first attempt; False: stop retrying."""
-        if self.first_attempt_reported:
+        if self._first_attempt_reported:
             return True
-        self.first_attempt_reported = True
-        if self.on_first_attempt(err):
+        self._first_attempt_reported = True
+        if self._on_first_attempt(err):
             return True
-        self.stopping = True
+        self._stopping = True
         return False
 
     def _connected(self, conn: psycopg.Connection[Any]) -> None:
@@ -350,53 +276,36 @@ class Engine:
                 conn.autocommit = True
             pgconn = conn.pgconn
             pgconn.nonblocking = 1
-            sock = pgconn.socket
         except Exception as e:
-            self.release(conn)
+            self._source.release(conn)
             self._connect_failed(e)
             return
-        self.conn = conn
-        self.pgconn = pgconn
-        ptr = getattr(pgconn, "pgconn_ptr", None)
-        self.conn_ptr = ffi.cast("PGconn *", ptr) if ptr else None
-        if self.conn_ptr is None:
-            self.use_c = False
-        self.poller = select.poll()
-        self.poller.register(self.wake.rfd, select.POLLIN)
-        self.poller.register(sock, select.POLLIN)
-        self.sock = sock
-        self.sock_events = select.POLLIN
-        self.connected_at = time.monotonic()
-        self.ready = False
-        self.server = set()
-        self.blocked_logged = False
-        # UTF-8 on this connection whatever the user's default: channel names
-        # in any script can be LISTENed, and payloads decode in C on the
-        # fast path.  The server converts from the database encoding, except
-        # from SQL_ASCII, which has no conversions (and would end the session
-        # on a byte that is not UTF-8): there the bytes come through as they
-        # are, and undecodable ones become U+FFFD.
-        server_enc = pgconn.parameter_status(b"server_encoding")
-        client_enc = b"SQL_ASCII" if server_enc == b"SQL_ASCII" else b"UTF8"
-        self._send(b"SET client_encoding TO '" + client_enc + b"'; "
-                   b"SELECT pg_backend_pid(), pg_is_in_recovery()",
-                   _Query("init", self._query_deadline()))
+        self._conn = conn
+        self._reader = open_read_path(self._router, pgconn, self.wake.rfd,
+                                      lambda: self._query is not None)
+        self._connected_at = time.monotonic()
+        self._ready = False
+        self._blocked_logged = False
+        self._send(queries.init_sql(pgconn.parameter_status(b"server_encoding")),
+                   QueryKind.INIT)
 
     # ------------------------------------------------------------------
     # connected
-    def _query_deadline(self) -> float | None:
-        return time.monotonic() + self.hc_timeout if self.hc_timeout > 0 else None
+    def _deadline(self) -> float | None:
+        return time.monotonic() + self._hc_timeout if self._hc_timeout > 0 else None
 
-    def _send(self, sql: bytes, q: _Query) -> None:
-        assert self.pgconn is not None
+    def _send(self, sql: bytes, kind: QueryKind, **kw: Any) -> Query:
+        assert self._conn is not None
         try:
-            self.pgconn.send_query(sql)
+            self._conn.pgconn.send_query(sql)
         except psycopg.Error as e:
-            raise _Lost(f"cannot send a query: {e}") from e
-        self.query = q
-        lib.pglf_router_set_busy(self.router, 1)
+            raise SessionLost(f"cannot send a query: {e}") from e
+        self._query = q = Query(kind, self._deadline(), **kw)
+        self._router.set_busy(True)
+        return q
 
     def _step_connected(self) -> None:
+        assert self._reader is not None
         # A consumer may have freed space (or a full "block" subscription may
         # have left) since the last look: settle that before sleeping, since
         # what libpq already buffered would not wake the poll.
@@ -404,219 +313,161 @@ class Engine:
         if flags:
             self._handle(flags)
             return
-        now = time.monotonic()
-        q = self.query
-        if lib.pglf_router_blocked(self.router):
+        q = self._query
+        if self._router.blocked:
             # The socket is not read while blocked: no pings, and no answer to
             # an outstanding query can arrive, so no deadline either.
             timeout = -1.0
         elif q is not None:
-            timeout = -1.0 if q.deadline is None else max(0.0, q.deadline - now)
-        elif self.hc_interval > 0:
-            timeout = self.hc_interval
+            timeout = -1.0 if q.deadline is None else \
+                max(0.0, q.deadline - time.monotonic())
+        elif self._hc_interval > 0:
+            timeout = self._hc_interval
         else:
             timeout = -1.0
-        if self.use_c:
-            ms = -1 if timeout < 0 else int(timeout * 1000 + 0.999)
-            flags = lib.pglf_run(self.router, self.conn_ptr, self.wake.rfd, ms)
-        else:
-            flags = self._run_python(timeout)
-        self._handle(flags)
+        self._handle(self._reader.run(timeout))
 
-    def _pump(self) -> int:
-        if self.use_c:
-            return int(lib.pglf_pump(self.router, self.conn_ptr))
-        assert self.pgconn is not None
-        return _hotpath.python_pump(self.router, self.pgconn, self.query is not None)
-
-    def _run_python(self, timeout: float) -> int:
-        """Python twin of pglf_run: wait, read, route until a control event."""
-        assert self.pgconn is not None
-        pgconn = self.pgconn
-        deadline = None if timeout < 0 else time.monotonic() + timeout
-        while True:
-            try:
-                pending = pgconn.flush()
-            except psycopg.OperationalError:
-                return RUN_ERROR
-            blocked = lib.pglf_router_blocked(self.router)
-            events = (0 if blocked else select.POLLIN) | (
-                select.POLLOUT if pending else 0
-            )
-            # While blocked the socket is left out entirely, like pglf_run
-            # does: poll would report a hang-up even with no events asked.
-            self._watch_socket(events)
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                ready = self.poller.poll(None if left is None else left * 1000)
-            except InterruptedError:
-                return RUN_EINTR
-            if not ready:
-                return RUN_TIMEOUT
-            flags = 0
-            for fd, ev in ready:
-                if fd == self.wake.rfd:
-                    flags |= RUN_WAKE
-                elif ev & ~select.POLLOUT and not blocked:
-                    flags |= self._pump()
-                    if deadline is not None:
-                        deadline = time.monotonic() + timeout
-            if flags:
-                return flags
-
-    def _watch_socket(self, events: int) -> None:
-        if events:
-            if self.sock_events is None:
-                self.poller.register(self.sock, events)
-            elif self.sock_events != events:
-                self.poller.modify(self.sock, events)
-        elif self.sock_events is not None:
-            self.poller.unregister(self.sock)
-        self.sock_events = events or None
-
-    def _handle(self, flags: int) -> None:
+    def _handle(self, flags: RunFlag) -> None:
         while flags:
-            if flags & RUN_ERROR:
-                assert self.pgconn is not None
-                raise _Lost(_text(self.pgconn.error_message) or "connection lost")
-            nxt = 0
-            if flags & RUN_WAKE:
+            if flags & RunFlag.ERROR:
+                assert self._conn is not None
+                raise SessionLost(queries.text(self._conn.pgconn.error_message)
+                                  or "connection lost")
+            nxt = RunFlag.NONE
+            if flags & RunFlag.WAKE:
                 self.wake.clear()
                 self._process_commands()
-                if self.stopping:
+                if self._stopping:
                     return
                 nxt |= self._flush_router()
-            if flags & RUN_BLOCKED and not self.blocked_logged:
-                self.blocked_logged = True
+            if flags & RunFlag.BLOCKED and not self._blocked_logged:
+                self._blocked_logged = True
                 logger.info("a subscription with overflow='block' is "
                             "full; reading paused until its consumer catches up")
-            if flags & RUN_RESULT:
+            if flags & RunFlag.RESULT:
                 nxt |= self._collect()
-            if flags & RUN_TIMEOUT:
+            if flags & RunFlag.TIMEOUT:
                 self._timeout()
             flags = nxt
 
-    def _flush_router(self) -> int:
+    def _flush_router(self) -> RunFlag:
         """Pay owed markers and retry a kept-aside notification after a wake-up.
 
-        Returns pump flags: once unblocked, what libpq already holds is read.
+        Returns read-path flags: once unblocked, what libpq holds is read.
         """
-        router = self.router
-        if not (lib.pglf_router_blocked(router) or lib.pglf_router_owing(router)):
-            return 0
-        was_blocked = lib.pglf_router_blocked(router)
-        if lib.pglf_router_flush(router) == BLOCKED:
-            return 0
-        if was_blocked:
-            self.blocked_logged = False
-            q = self.query
-            if q is not None and q.deadline is not None:
-                # Its answer could not be read while blocked: the clock
-                # starts again now.
-                q.deadline = max(q.deadline, self._query_deadline() or 0.0)
-            self._sync()  # LISTENs requested while blocked
-            return self._pump()
-        return 0
+        router = self._router
+        was_blocked = router.blocked
+        if not (was_blocked or router.owing) or router.flush():
+            return RunFlag.NONE
+        if not was_blocked:
+            return RunFlag.NONE
+        self._blocked_logged = False
+        q = self._query
+        if q is not None and q.deadline is not None:
+            # Its answer could not be read while blocked: the clock starts
+            # again now.
+            q.deadline = max(q.deadline, self._deadline() or 0.0)
+        self._sync()  # LISTENs requested while blocked
+        assert self._reader is not None
+        return self._reader.pump()
 
     def _timeout(self) -> None:
-        if lib.pglf_router_blocked(self.router):
+        if self._router.blocked:
             return
-        q = self.query
+        q = self._query
         if q is not None:
             if q.deadline is not None and time.monotonic() >= q.deadline:
-                what = "health check" if q.kind == "ping" else f"{q.kind} query"
-                raise _Lost(f"no answer to the {what} within {self.hc_timeout:g} s")
+                raise SessionLost(f"no answer to the {q.kind.value} within "
+                                  f"{self._hc_timeout:g} s")
             return
-        if self.hc_interval > 0 and not lib.pglf_router_blocked(self.router):
-            self._send(b"", _Query("ping", self._query_deadline()))
+        if self._hc_interval > 0:
+            self._send(queries.PING_SQL, QueryKind.PING)
 
-    def _collect(self) -> int:
-        """Collect results of the outstanding query; returns pump flags."""
-        pgconn = self.pgconn
-        q = self.query
-        assert pgconn is not None
-        if q is None:
-            return 0
+    def _collect(self) -> RunFlag:
+        """Collect results of the outstanding query; returns read-path flags."""
+        q = self._query
+        if q is None or self._conn is None:
+            return RunFlag.NONE
+        pgconn = self._conn.pgconn
         while True:
             if pgconn.is_busy():
-                return 0      # the rest has not arrived yet
+                return RunFlag.NONE      # the rest has not arrived yet
             res = pgconn.get_result()
             if res is None:
                 break
             q.results.append(res)
-        self.query = None
-        lib.pglf_router_set_busy(self.router, 0)
+        self._query = None
+        self._router.set_busy(False)
         self._query_done(q)
         # Parsing results may have queued notifications inside libpq.
-        return self._pump()
+        assert self._reader is not None
+        return self._reader.pump()
 
-    def _query_done(self, q: _Query) -> None:
-        errors = [r for r in q.results if r.status == pq.ExecStatus.FATAL_ERROR]
-        if errors:
-            msg = _text(errors[0].error_message)
-            if "recovery" in msg:
-                raise _Lost(f"the server is a hot standby and refuses LISTEN ({msg}); "
-                            "point the listener at the primary (e.g. "
-                            "target_session_attrs=read-write)")
-            state = errors[0].error_field(pq.DiagnosticField.SQLSTATE) or b""
-            if q.kind == "sync" and q.listen and _refusal(state):
-                self._sync_failed(q, msg)
+    def _query_done(self, q: Query) -> None:
+        try:
+            error = queries.first_error(q.results)
+            pid = queries.check_init(q.results) \
+                if error is None and q.kind is QueryKind.INIT else 0
+        except queries.StandbyError as e:
+            raise SessionLost(str(e)) from None
+        if error is not None:
+            msg, sqlstate = error
+            if q.kind is QueryKind.SYNC and q.batch.listen and \
+                    queries.is_refusal(sqlstate):
+                self._sync_refused(msg)
                 return
             # Anything else (cancelled, out of resources, ...) may pass: the
             # connection is reset and the whole state replayed.
-            raise _Lost(f"{q.kind} query failed: {msg}")
-        if q.kind == "init":
-            row = q.results[-1]
-            pid = int(row.get_value(0, 0) or b"0")
-            in_recovery = (row.get_value(0, 1) or b"f") == b"t"
-            if in_recovery:
-                raise _Lost("the server is a hot standby (in recovery) where LISTEN "
-                            "is refused; point the listener at the primary (e.g. "
-                            "target_session_attrs=read-write)")
-            self.server_pid = pid
-            self.ready = True
-            assert self.pgconn is not None
-            if self.pgconn.backend_pid != pid:
-                # The key data came from something other than the backend.
-                logger.warning(
-                    "connected through a connection pooler (client-side pid %d, "
-                    "server backend pid %d): LISTEN only works with session "
-                    "pooling; a LISTEN moved to another session is detected and "
-                    "reported", self.pgconn.backend_pid, pid)
-            self.publish(connected=True, backend_pid=pid,
-                         connect=True, reconnect=self.ever_connected)
-            self.ever_connected = True
-            logger.info("connected (backend pid %d)", pid)
-            self._report_first(None)
-            self._sync()
-        elif q.kind == "sync":
-            pid = int(q.results[-1].get_value(0, 0) or b"0")
-            if pid != self.server_pid:
-                raise _Lost(
-                    "LISTEN ran in a different server session than the one this "
-                    f"connection started with (backend pid {pid} != "
-                    f"{self.server_pid}): the connection goes through a "
-                    "transaction-pooling proxy (e.g. PgBouncer pool_mode="
-                    "transaction), which cannot keep LISTEN; connect directly or "
-                    "use session pooling")
-            self.server.difference_update(q.unlisten)
-            self.server.update(q.listen)
-            self.isolate.difference_update(q.listen)
-            # Published before the markers are queued: a consumer that sees
-            # the "listen" marker also sees the channel in listener.channels.
-            self.publish(channels=frozenset(self.server))
-            for ch in q.listen:
-                for rec, idx in self.attached.get(ch, ()):
-                    if lib.pglf_sub_state(rec.csub, idx) != _ACTIVE_STATE:
-                        lib.pglf_sub_activate(self.router, rec.csub, idx,
-                                              REASON_RECONNECT)
-            lib.pglf_router_wake(self.router)
-            if q.listen or q.unlisten:
-                logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
-                             len(q.listen), len(q.unlisten))
-            self._sync()
+            raise SessionLost(f"{q.kind.value} failed: {msg}")
+        if q.kind is QueryKind.INIT:
+            self._session_ready(pid)
+        elif q.kind is QueryKind.SYNC:
+            self._sync_done(queries.sync_pid(q.results))
 
-    def _sync_failed(self, q: _Query, msg: str) -> None:
+    def _session_ready(self, pid: int) -> None:
+        assert self._conn is not None
+        self._server_pid = pid
+        self._ready = True
+        client_pid = self._conn.pgconn.backend_pid
+        if client_pid != pid:
+            # The key data came from something other than the backend.
+            logger.warning(
+                "connected through a connection pooler (client-side pid %d, "
+                "server backend pid %d): LISTEN only works with session "
+                "pooling; a LISTEN moved to another session is detected and "
+                "reported", client_pid, pid)
+        self._publish(connected=True, backend_pid=pid,
+                      connect=True, reconnect=self._ever_connected)
+        self._ever_connected = True
+        logger.info("connected (backend pid %d)", pid)
+        self._report_first(None)
+        self._sync()
+
+    def _sync_done(self, pid: int) -> None:
+        if pid != self._server_pid:
+            raise SessionLost(
+                "LISTEN ran in a different server session than the one this "
+                f"connection started with (backend pid {pid} != "
+                f"{self._server_pid}): the connection goes through a "
+                "transaction-pooling proxy (e.g. PgBouncer pool_mode="
+                "transaction), which cannot keep LISTEN; connect directly or "
+                "use session pooling")
+        batch = self._book.confirm()
+        # Published before the markers are queued: a consumer that sees the
+        # "listen" marker also sees the channel in listener.channels.
+        self._publish(channels=self._book.confirmed)
+        for ch in batch.listen:
+            for spec, idx in self._targets.get(ch, ()):
+                rsub = self._subs[spec]
+                if rsub.state(idx) != ChannelState.LIVE:
+                    rsub.activate(idx, Reason.RECONNECT)
+        self._router.wake()
+        if batch.listen or batch.unlisten:
+            logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
+                         len(batch.listen), len(batch.unlisten))
+        self._sync()
+
+    def _sync_refused(self, msg: str) -> None:
         """The server refused a LISTEN/UNLISTEN batch; nothing of it took effect.
 
         One refused channel must not cost the others their connection: the
@@ -624,150 +475,72 @@ class Engine:
         channel refused on its own are closed (their consumers get Closed
         once drained) with the reason logged and kept in ``last_error``.
         """
-        if len(q.listen) == 1 and not q.unlisten:
-            ch = q.listen[0]
-            self.isolate.discard(ch)
+        ch = self._book.refuse()
+        if ch is not None:
             reason = f"LISTEN {ch!r} refused by the server: {msg}"
             logger.error("%s; closing its subscriptions", reason)
-            self.publish(last_error=reason)
-            for rec, _idx in list(self.attached.get(ch, ())):
-                self._remove(rec.sub)
+            self._publish(last_error=reason)
+            for spec, _idx in list(self._targets.get(ch, ())):
+                self._remove(spec)
         else:
             logger.warning("LISTEN/UNLISTEN batch refused by the server (%s); "
                            "retrying channel by channel", msg)
-            self.isolate.update(q.listen)
         self._sync()
 
     def _sync(self) -> None:
         """Send every pending LISTEN/UNLISTEN in one round trip."""
-        if not self.ready or self.query is not None or self.pgconn is None:
+        if not self._ready or self._query is not None or self._conn is None:
             return
-        if lib.pglf_router_blocked(self.router):
+        if self._router.blocked:
             # Its answer could not be read until a "block" consumer catches
-            # up; send it then (see _flush_router).
+            # up; sent then (see _flush_router).
             return
-        unlisten = [ch for ch in self.server if ch not in self.desired]
-        listen = [ch for ch in self.desired if ch not in self.server]
-        if not unlisten and not listen:
+        batch = self._book.next_batch()
+        if batch is None:
             return
-        suspects = [ch for ch in listen if ch in self.isolate]
-        if suspects:
-            unlisten, listen = [], suspects[:1]
-        esc = pq.Escaping(self.pgconn)
-        parts = [b"UNLISTEN " + esc.escape_identifier(self._encode(ch))
-                 for ch in unlisten]
-        parts += [b"LISTEN " + esc.escape_identifier(self._encode(ch)) for ch in listen]
-        parts.append(b"SELECT pg_backend_pid()")
-        q = _Query("sync", self._query_deadline(), listen=listen, unlisten=unlisten)
+        q = self._send(queries.sync_sql(self._conn.pgconn, batch), QueryKind.SYNC,
+                       batch=batch)
         if q.deadline is not None:
             # Allow for very large channel sets (thousands of statements).
-            q.deadline += len(parts) / 10000.0
-        self._send(b";".join(parts), q)
+            n = len(batch.listen) + len(batch.unlisten)
+            q.deadline += n * _SECONDS_PER_STATEMENT
 
     # ------------------------------------------------------------------
-    # loss and shutdown
+    # loss
     def _close_conn(self) -> None:
-        conn = self.conn
+        conn = self._conn
         if conn is None:
             return
-        if self.poller is not None:
-            # Unregister before the fd is closed (a closed fd can hang epoll).
-            if self.sock_events is not None:
-                with contextlib.suppress(KeyError, ValueError, OSError):
-                    self.poller.unregister(self.sock)
-            self.sock_events = None
-            self.poller = None
-        self.conn = None
-        self.pgconn = None
-        self.conn_ptr = None
-        self.query = None
-        self.ready = False
-        self.use_c = _hotpath.IMPL == "c"
-        lib.pglf_router_set_busy(self.router, 0)
-        lib.pglf_router_deactivate_all(self.router)
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._conn = None
+        self._query = None
+        self._ready = False
+        self._router.set_busy(False)
+        self._router.deactivate_all()
         # A notification kept aside for a full "block" ring belongs to the
         # old connection: with every target inactive, flushing discards it.
-        lib.pglf_router_flush(self.router)
-        self.server = set()
-        self.release(conn)
+        self._router.flush()
+        self._book.reset()
+        self._source.release(conn)
 
     def _lost(self, reason: str) -> None:
         reason = " ".join(reason.split())  # libpq's messages span lines
-        was_connected = self.conn is not None
-        lived = time.monotonic() - self.connected_at if was_connected else 0.0
-        ready = self.ready
+        was_connected = self._conn is not None
+        lived = time.monotonic() - self._connected_at if was_connected else 0.0
+        ready = self._ready
         self._close_conn()
-        self.publish(connected=False, channels=frozenset(), last_error=reason)
-        if self.stopping:
+        self._publish(connected=False, channels=frozenset(), last_error=reason)
+        if self._stopping:
             return
-        if not ready and not self._report_first(_Lost(reason)):
+        if not ready and not self._report_first(SessionLost(reason)):
             # Failed before it was usable: the first attempt, under
             # start(wait=True), which raises it.
             return
         if lived >= HEALTHY_AFTER:
-            self.failures = 0
-        delay = self._backoff()
-        self.next_connect = time.monotonic() + delay
+            self._backoff.reset()
+        delay = self._backoff.next()
+        self._next_connect = time.monotonic() + delay
         logger.warning("connection lost (%s); reconnecting in %.2f s",
                        reason, delay)
-
-    def run_teardown_only(self) -> None:
-        """Close what a never-started listener holds (called by stop())."""
-        self._teardown()
-
-    def _teardown(self) -> None:
-        if self.attempt is not None:
-            self.attempt.abandon()
-            self.attempt = None
-        try:
-            self._close_conn()
-        finally:
-            # State first, then wake the consumers: whoever sees Closed also
-            # sees a disconnected listener.
-            self.publish(connected=False, channels=frozenset())
-            for rec in list(self.subs.values()):
-                rec.sub._closed_by_listener()
-            for _op, sub in list(self.commands):
-                sub._closed_by_listener()
-            self.commands.clear()
-
-
-def _refusal(sqlstate: bytes) -> bool:
-    """Whether an error refuses the statement itself (retrying won't help).
-
-    Data exceptions (22: e.g. a name with no equivalent in the database
-    encoding), syntax or access rule violations (42), unsupported features
-    (0A), program limits (54).  Cancellations, timeouts and resource errors
-    are transient instead.
-    """
-    return sqlstate[:2] in (b"22", b"42", b"0A", b"54")
-
-
-def _guarded(release: Callable[[Any], None]) -> Callable[[Any], None]:
-    """Wrap a connection release so that its failure never ends a thread."""
-
-    def release_quietly(conn: Any) -> None:
-        try:
-            release(conn)
-        except Exception:
-            logger.warning("error while closing a connection", exc_info=True)
-
-    return release_quietly
-
-
-def _text(msg: bytes | str | None) -> str:
-    if msg is None:
-        return ""
-    if isinstance(msg, bytes):
-        msg = msg.decode("utf-8", "replace")
-    return msg.strip()
-
-
-def _describe(err: BaseException | None) -> str:
-    if err is None:
-        return "unknown error"
-    text = str(err).strip().replace("\n", " ")
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-__all__ = ["Engine"]

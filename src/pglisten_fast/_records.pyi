@@ -38,6 +38,9 @@ class Notification:
     def __eq__(self, other: object) -> bool: ...
     def __hash__(self) -> int: ...
 
+#: Ring layout this extension was built with (compared with the cffi module's).
+RING_ABI: int
+
 def drain(
     ring_address: int,
     channels: tuple[str, ...],

@@ -1,5 +1,8 @@
-"""Python face of the C ring buffer: the only module that touches ``ffi``/``lib``
-objects of a ring.
+"""Python face of the C ring buffer (``csrc/pglf_ring.c``).
+
+One of the three modules that import the cffi extension (with
+:mod:`._router` and :mod:`._readpath`): everything else sees enums and
+methods, never ``ffi``/``lib`` objects.
 
 A :class:`Ring` owns one lock-free single-producer / single-consumer ring of
 variable-length records (``csrc/pglf_ring.c``) and the wake-up fd its
@@ -11,36 +14,75 @@ statistics may be called from anywhere.
 
 from __future__ import annotations
 
+import enum
 import os
 import weakref
 from typing import NamedTuple
 
+from . import _records
 from ._pglf import ffi, lib
 from ._records import Notification
-from ._records import drain as _drain_notifications
 
-__all__ = ["MIN_CAPACITY", "RawRecord", "Ring", "RingFull", "WakeFd", "round_capacity"]
+__all__ = [
+    "MAX_CAPACITY",
+    "MIN_CAPACITY",
+    "REC_HDR",
+    "Kind",
+    "RawRecord",
+    "Reason",
+    "Ring",
+    "RingFull",
+    "Status",
+    "WakeFd",
+    "round_capacity",
+]
 
-OK: int = lib.PGLF_OK
-FULL: int = lib.PGLF_FULL
-E2BIG: int = lib.PGLF_E2BIG
-READY: int = lib.PGLF_READY
-TIMEOUT: int = lib.PGLF_TIMEOUT
-CLOSED: int = lib.PGLF_CLOSED
-EINTR: int = lib.PGLF_EINTR
-EINVAL: int = lib.PGLF_EINVAL
 
-KIND_NOTIFY: int = lib.PGLF_KIND_NOTIFY
-KIND_MARKER: int = lib.PGLF_KIND_MARKER
-REASON_LISTEN: int = lib.PGLF_REASON_LISTEN
-REASON_RECONNECT: int = lib.PGLF_REASON_RECONNECT
-REASON_OVERFLOW: int = lib.PGLF_REASON_OVERFLOW
+class Status(enum.IntEnum):
+    """Result codes of the ring functions (``PGLF_*`` in ``pglf_ring.h``)."""
+
+    OK = lib.PGLF_OK
+    FULL = lib.PGLF_FULL          # no room now; try again later
+    E2BIG = lib.PGLF_E2BIG        # the record can never fit in this ring
+    EINVAL = lib.PGLF_EINVAL      # bad argument, or an fd that cannot be polled
+    ENOMEM = lib.PGLF_ENOMEM
+    CLOSED = lib.PGLF_CLOSED      # wait: the ring is closed
+    TIMEOUT = lib.PGLF_TIMEOUT    # wait: nothing arrived in time
+    READY = lib.PGLF_READY        # wait: records are available
+    EINTR = lib.PGLF_EINTR        # wait: interrupted by a signal
+
+
+class Kind(enum.IntEnum):
+    """Record kinds (``PGLF_KIND_*``)."""
+
+    NOTIFY = lib.PGLF_KIND_NOTIFY
+    PAD = lib.PGLF_KIND_PAD
+    MARKER = lib.PGLF_KIND_MARKER
+
+
+class Reason(enum.IntEnum):
+    """Why a marker was queued (``PGLF_REASON_*``)."""
+
+    NONE = lib.PGLF_REASON_NONE
+    LISTEN = lib.PGLF_REASON_LISTEN
+    RECONNECT = lib.PGLF_REASON_RECONNECT
+    OVERFLOW = lib.PGLF_REASON_OVERFLOW
+
+
+#: Bytes of a record header; payloads follow it, records are 8-byte aligned.
 REC_HDR: int = lib.PGLF_REC_HDR
 
 #: Smallest ring the library hands out: a maximal PostgreSQL payload
 #: (7,999 bytes) always fits, with room for markers.
 MIN_CAPACITY = 64 * 1024
 MAX_CAPACITY = 1 << 34
+
+_ABI_C = int(lib.pglf_ring_abi()) if hasattr(lib, "pglf_ring_abi") else 0  # XXX
+if getattr(_records, "RING_ABI", 0) != _ABI_C:  # pragma: no cover - a broken build
+    raise ImportError(
+        "pglisten_fast's two extensions were built with different ring layouts "
+        f"({_ABI_C:#x} != {_records.RING_ABI:#x}); reinstall pglisten_fast"
+    )
 
 
 class RingFull(Exception):
@@ -181,25 +223,35 @@ class Ring:
         self,
         payload: bytes,
         *,
-        kind: int = KIND_NOTIFY,
-        reason: int = 0,
+        kind: Kind = Kind.NOTIFY,
+        reason: Reason = Reason.NONE,
         chan: int = 0,
         pid: int = 0,
         reserve: int = 0,
-    ) -> int:
+    ) -> Status:
         """Append one record; returns ``OK``, ``FULL`` or ``E2BIG``."""
-        return int(
+        return Status(
             lib.pglf_ring_write(
                 self._ptr, kind, reason, chan, pid, payload, len(payload), reserve
             )
         )
 
-    def write_or_raise(self, payload: bytes, **kw: int) -> None:
+    def write_or_raise(
+        self,
+        payload: bytes,
+        *,
+        kind: Kind = Kind.NOTIFY,
+        reason: Reason = Reason.NONE,
+        chan: int = 0,
+        pid: int = 0,
+        reserve: int = 0,
+    ) -> None:
         """Like :meth:`write`, raising :class:`RingFull` or :class:`ValueError`."""
-        rc = self.write(payload, **kw)
-        if rc == FULL:
+        rc = self.write(payload, kind=kind, reason=reason, chan=chan, pid=pid,
+                        reserve=reserve)
+        if rc == Status.FULL:
             raise RingFull
-        if rc == E2BIG:
+        if rc == Status.E2BIG:
             raise ValueError(
                 f"record of {len(payload)} bytes exceeds this ring's maximum "
                 f"payload of {self.max_payload} bytes"
@@ -221,7 +273,7 @@ class Ring:
         self, channels: tuple[str, ...], max_items: int, encoding: str | None = None
     ) -> list[Notification]:
         """Consume up to ``max_items`` records as :class:`Notification` objects."""
-        return _drain_notifications(self.address, channels, max_items, encoding)
+        return _records.drain(self.address, channels, max_items, encoding)
 
     def drain_raw(self, max_records: int, out_cap: int = 1 << 20) -> list[RawRecord]:
         """Consume up to ``max_records`` records as :class:`RawRecord` tuples."""
@@ -246,7 +298,7 @@ class Ring:
             off += (REC_HDR + length + 7) & ~7
         return out
 
-    def wait(self, timeout: float | None) -> int:
+    def wait(self, timeout: float | None) -> Status:
         """Sleep (GIL released) until records arrive, close, or ``timeout``.
 
         Returns ``READY``, ``CLOSED``, ``TIMEOUT``, ``EINTR``, or ``EINVAL``
@@ -256,7 +308,7 @@ class Ring:
             ms = -1
         else:
             ms = max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
-        return int(lib.pglf_ring_wait(self._ptr, ms))
+        return Status(lib.pglf_ring_wait(self._ptr, ms))
 
     def consumer_wait_arm(self) -> bool:
         """Announce a sleep; True means records (or close) are already there."""

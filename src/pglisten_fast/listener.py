@@ -13,19 +13,21 @@ import inspect
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
-from . import _engine
+from ._commands import AddSub, RemoveSub, SubSpec
+from ._connect import connection_source, describe
+from ._engine import Engine
+from ._handlers import start_handler
 from ._names import check_channel
-from ._pglf import lib
 from ._records import Notification
-from ._ring import MIN_CAPACITY, Ring, WakeFd, round_capacity
+from ._ring import round_capacity
 from .errors import Closed, ConnectError
 from .subscription import Overflow, Subscription
 
@@ -34,8 +36,6 @@ __all__ = ["Listener", "ListenerStats", "start_listener"]
 logger = logging.getLogger("pglisten_fast")
 
 _OVERFLOW_POLICIES = ("drop", "block")
-_KEEPALIVE_KEYS = ("keepalives", "keepalives_idle", "keepalives_interval",
-                   "keepalives_count")
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,16 +137,14 @@ class Listener:
         self._buffer_size = round_capacity(buffer_size)
         self._overflow = _check_overflow(overflow)
 
-        connector, release, attempt_limit = self._connection_source(
-            conninfo, pool, connect
-        )
+        source = connection_source(conninfo, pool, connect, self._connect_timeout)
         self._lock = threading.Lock()
         self._state = "new"               # new -> running -> stopped
-        self._wake = WakeFd()
         self._first = threading.Event()
         self._first_error: BaseException | None = None
         self._wait_first = False
         self._thread: threading.Thread | None = None
+        self._handlers: list[threading.Thread] = []
 
         self._connected = False
         self._backend_pid: int | None = None
@@ -155,73 +153,15 @@ class Listener:
         self._reconnects = 0
         self._last_error: str | None = None
 
-        self._engine = _engine.Engine(
-            connector=connector,
-            release=release,
-            connect_timeout=attempt_limit,
+        self._engine = Engine(
+            source=source,
             reconnect_delay=reconnect_delay,
             max_reconnect_delay=max_reconnect_delay,
             health_check_interval=hc_interval,
             health_check_timeout=hc_timeout,
-            wake=self._wake,
             publish=self._publish,
             on_first_attempt=self._on_first_attempt,
         )
-
-    # -- connection sources --------------------------------------------------
-    def _connection_source(
-        self,
-        conninfo: str,
-        pool: Any,
-        connect: Callable[[], psycopg.Connection[Any]] | None,
-    ) -> tuple[_engine.Connector, Callable[[Any], None], float | None]:
-        """The connector, the release function, and the bound of one attempt."""
-        timeout = self._connect_timeout
-        if pool is not None:
-            def from_pool() -> psycopg.Connection[Any]:
-                conn: psycopg.Connection[Any] = pool.getconn(timeout=timeout)
-                return conn
-
-            def give_back(conn: Any) -> None:
-                # Ended at the libpq level first: a session that ran LISTEN
-                # must never serve anyone else (conn.close() would hand it
-                # back as it is to a pool made with close_returns=True).
-                conn.pgconn.finish()
-                pool.putconn(conn)
-
-            return from_pool, give_back, timeout
-        if connect is not None:
-            user_connect = connect
-
-            def checked_connect() -> psycopg.Connection[Any]:
-                conn = user_connect()
-                if not isinstance(conn, psycopg.Connection):
-                    raise TypeError(
-                        "connect must return a psycopg.Connection, got "
-                        f"{type(conn).__name__}"
-                    )
-                return conn
-
-            return checked_connect, _close, timeout
-        try:
-            params = conninfo_to_dict(conninfo)
-        except psycopg.ProgrammingError as e:
-            raise ValueError(f"invalid conninfo: {e}") from e
-        extra: dict[str, Any] = {}
-        if "connect_timeout" not in params:
-            # libpq takes whole seconds (and treats 1 as 2).
-            extra["connect_timeout"] = max(2, math.ceil(timeout))
-        if not any(k in params for k in _KEEPALIVE_KEYS):
-            # Let the kernel notice dead peers too; health checks do the rest.
-            extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,
-                         keepalives_count=3)
-
-        def open_conn() -> psycopg.Connection[Any]:
-            return psycopg.Connection.connect(conninfo, autocommit=True, **extra)
-
-        # psycopg bounds every attempt (each host and address in turn) by
-        # connect_timeout itself; no second, coarser bound on top.
-        return open_conn, _close, None
 
     # -- engine callbacks (selector thread) -----------------------------------
     def _publish(
@@ -280,29 +220,37 @@ class Listener:
             if err is not None:
                 self.stop()
                 raise ConnectError(f"cannot connect to PostgreSQL: "
-                                   f"{_engine._describe(err)}") from err
+                                   f"{describe(err)}") from err
         return self
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop listening, close the connection and every subscription.
 
-        Idempotent.  Waits at most ``timeout`` seconds for the selector thread
-        (None: until it ends, about a second at most); never raises for a
-        slow server.  Consumers blocked in ``get`` wake up and, once they have
-        drained what is buffered, get :class:`Closed`.
+        Idempotent.  Waits at most ``timeout`` seconds in all (None: until
+        done) for the selector thread, which takes about a second at most,
+        and then for handler threads to finish what was buffered before the
+        stop; never raises for a slow server.  Consumers blocked in ``get``
+        wake up and, once they have drained what is buffered, get
+        :class:`Closed`.  A handler still running when the timeout ends
+        goes on in its daemon thread until its items are handled.
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             previous = self._state
             self._state = "stopped"
+            handlers, self._handlers = self._handlers, []
         if previous != "stopped":
-            self._engine.stopping = True
-            self._wake.signal()
+            self._engine.request_stop()
+        me = threading.current_thread()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        if thread is not None and thread is not me:
+            thread.join(_left(deadline))
         if previous == "new":
-            self._engine.run_teardown_only()
+            self._engine.teardown()
         self._first.set()
+        for t in handlers:
+            if t is not me:
+                t.join(_left(deadline))
 
     def __enter__(self) -> Listener:
         return self.start()
@@ -351,23 +299,23 @@ class Listener:
         policy = self._overflow if overflow is None else _check_overflow(overflow)
         if handler is not None and not callable(handler):
             raise TypeError("handler must be callable")
-        ring = Ring(max(size, MIN_CAPACITY), producer_wfd=self._wake.wfd)
-        sub = Subscription(self, names, ring, policy)
+        ring = self._engine.make_ring(size)
+        spec = SubSpec(names, ring, block=policy == "block")
+        sub = Subscription(names, ring, policy,
+                           on_unlisten=lambda: self._unlisten(spec))
         with self._lock:
             if self._state == "stopped":
                 raise Closed("the listener is stopped")
-            self._engine.commands.append(("add", sub))
-        self._wake.signal()
-        if handler is not None:
-            sub._start_handler(handler)
+            self._engine.submit(AddSub(spec))
+            if handler is not None:
+                self._handlers = [t for t in self._handlers if t.is_alive()]
+                self._handlers.append(start_handler(sub, handler, names))
         return sub
 
-    def _remove(self, sub: Subscription) -> None:
+    def _unlisten(self, spec: SubSpec) -> None:
         with self._lock:
-            if self._state == "stopped":
-                return
-            self._engine.commands.append(("remove", sub))
-        self._wake.signal()
+            if self._state != "stopped":
+                self._engine.submit(RemoveSub(spec))
 
     # -- state -----------------------------------------------------------------
     @property
@@ -393,23 +341,20 @@ class Listener:
     @property
     def stats(self) -> ListenerStats:
         """A :class:`ListenerStats` snapshot."""
-        router = self._engine.router
+        counters = self._engine.counters()
         with self._lock:
             return ListenerStats(
                 connects=self._connects,
                 reconnects=self._reconnects,
-                received=int(lib.pglf_router_received(router)),
-                markers=int(lib.pglf_router_markers(router)),
-                dropped=int(lib.pglf_router_dropped(router)),
+                received=counters.received,
+                markers=counters.markers,
+                dropped=counters.dropped,
                 last_error=self._last_error,
             )
 
 
-def _close(conn: Any) -> None:
-    try:
-        conn.close()
-    except Exception:  # pragma: no cover - closing a broken connection
-        logger.debug("error closing a connection", exc_info=True)
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def start_listener(conninfo: str = "", **kwargs: Any) -> Listener:

@@ -9,25 +9,20 @@ subscription; each notification goes to exactly one of them.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from ._records import Notification
-from ._ring import CLOSED, EINVAL, Ring
+from ._ring import Ring, Status
 from .errors import Closed, Empty, Error
-
-if TYPE_CHECKING:
-    from .listener import Listener
 
 __all__ = ["Overflow", "Subscription", "SubscriptionStats"]
 
-logger = logging.getLogger("pglisten_fast")
 
 Overflow = Literal["drop", "block"]
 
@@ -60,10 +55,8 @@ class Subscription:
     __slots__ = (
         "__weakref__",
         "_channels",
-        "_closed",
-        "_handler_thread",
-        "_listener",
         "_lock",
+        "_on_unlisten",
         "_overflow",
         "_pending",
         "_plock",
@@ -73,12 +66,19 @@ class Subscription:
 
     def __init__(
         self,
-        listener: Listener,
         channels: tuple[str, ...],
         ring: Ring,
         overflow: Overflow,
+        on_unlisten: Callable[[], None],
     ) -> None:
-        self._listener = listener
+        """
+        :param channels: the channels, already checked.
+        :param ring: the ring the listener's selector thread fills; closing
+            it ends the subscription (the listener does so on ``stop()``).
+        :param overflow: the ring's overflow policy (for display).
+        :param on_unlisten: tells the listener to stop routing here.
+        """
+        self._on_unlisten = on_unlisten
         self._channels = channels
         self._ring = ring
         self._overflow: Overflow = overflow
@@ -91,8 +91,6 @@ class Subscription:
         self._pending: deque[Notification] = deque()
         # asyncio tasks waiting, per event loop (one fd reader per loop).
         self._waiters: dict[asyncio.AbstractEventLoop, set[asyncio.Future[None]]] = {}
-        self._closed = False
-        self._handler_thread: threading.Thread | None = None
 
     # -- properties ------------------------------------------------------
     @property
@@ -113,7 +111,7 @@ class Subscription:
     @property
     def closed(self) -> bool:
         """True once ``unlisten``/``close`` or the listener's ``stop`` ran."""
-        return self._closed
+        return self._ring.closed
 
     @property
     def stats(self) -> SubscriptionStats:
@@ -128,7 +126,7 @@ class Subscription:
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._ring.closed else "open"
         return (
             f"<Subscription channels={self._channels!r} overflow={self._overflow!r} "
             f"buffer_size={self._ring.capacity} {state}>"
@@ -174,13 +172,13 @@ class Subscription:
                 if main and (left is None or left > _MAIN_THREAD_SLICE):
                     left = _MAIN_THREAD_SLICE
                 rc = self._ring.wait(left)
-                if rc == CLOSED:
+                if rc == Status.CLOSED:
                     # Records may still have arrived before the close.
                     items = self._take(max_items)
                     if items:
                         return items
                     raise Closed(f"subscription {self._channels!r} is closed")
-                if rc == EINVAL:
+                if rc == Status.EINVAL:
                     raise Error("cannot wait on the subscription's wake-up fd")
                 # READY, or TIMEOUT/EINTR: re-check (lets signal handlers run).
         finally:
@@ -381,17 +379,12 @@ class Subscription:
     # -- lifecycle ---------------------------------------------------------
     def unlisten(self) -> None:
         """Stop receiving; idempotent.  Buffered items can still be read."""
-        if self._closed:
+        if self._ring.closed:
             return
-        self._closed = True
         self._ring.close()
-        self._listener._remove(self)
+        self._on_unlisten()
 
     close = unlisten
-
-    def _closed_by_listener(self) -> None:
-        self._closed = True
-        self._ring.close()
 
     def __enter__(self) -> Subscription:
         return self
@@ -403,19 +396,3 @@ class Subscription:
         tb: TracebackType | None,
     ) -> None:
         self.unlisten()
-
-    # -- handler -------------------------------------------------------------
-    def _start_handler(self, handler: Callable[[Notification], object]) -> None:
-        def run() -> None:
-            for n in self:
-                try:
-                    handler(n)
-                except Exception:
-                    logger.exception(
-                        "handler %r raised on %r; it keeps running", handler, n
-                    )
-
-        name = f"pglisten-fast-handler-{','.join(self._channels)[:40]}"
-        t = threading.Thread(target=run, name=name, daemon=True)
-        self._handler_thread = t
-        t.start()
