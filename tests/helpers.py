@@ -3,16 +3,21 @@
 Waiting on state without an event (``wait_until``), reading markers and
 notifications from a subscription with a deadline, and starting
 subscriptions that are known to be in effect on the server.
+Also: a temporary database in a given encoding (``temp_database``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 import pglisten_fast as pgl
 
@@ -217,3 +222,20 @@ class Worker:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+@contextlib.contextmanager
+def temp_database(pg_server: Any, encoding: str) -> Iterator[str]:
+    """A database in ``encoding`` (C locale) for one module; dropped after."""
+    name = f"pglf_{encoding.lower()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
+        c.execute(sql.SQL(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING {} "
+            "LC_COLLATE 'C' LC_CTYPE 'C'").format(
+                sql.Identifier(name), sql.Literal(encoding)))
+    try:
+        yield make_conninfo(pg_server.dsn, dbname=name)
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True, connect_timeout=10) as c:
+            c.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(
+                sql.Identifier(name)))

@@ -1,20 +1,17 @@
-"""Tests of the C record ring (csrc/pglf_ring.c) through ``pglisten_fast._ring``
-and of the ``Notification`` type built by ``pglisten_fast._records``.
+"""Tests of the C record ring (csrc/pglf_ring.c) through ``pglisten_fast._ring``.
 
 The core is a Hypothesis state machine that drives a small ring (4 or 8 KiB,
 so wrap-around happens all the time) and a pure-Python model of the C
 placement rule side by side, and checks return codes, ``used``, the records
 drained (raw and as ``Notification`` objects), the statistics and the
 consumer/producer wake-up handshakes after every step.  Plain unit tests
-cover capacity rounding, size limits, marker decoding, ``wait()`` and the
-``Notification`` type.
+cover capacity rounding, size limits, marker decoding and ``wait()``; the
+``Notification`` type itself is tested in ``tests/test_notification.py``.
 """
 
 from __future__ import annotations
 
-import copy
 import os
-import pickle
 import random
 import select
 import struct
@@ -895,170 +892,3 @@ def test_fd_helpers() -> None:
     assert select.select([ring.wake.rfd], [], [], 0)[0] == []
     lib.pglf_fd_signal(-1)  # ignored
     lib.pglf_fd_clear(-1)
-
-
-# ---------------------------------------------------------------------------
-# the Notification type
-
-
-def _package_notification() -> type | None:
-    try:
-        import pglisten_fast
-    except Exception:
-        return None
-    found = getattr(pglisten_fast, "Notification", None)
-    return found if isinstance(found, type) else None
-
-
-def test_notification_constructor_keywords() -> None:
-    n = Notification(
-        channel="c",
-        payload="p",
-        pid=3,
-        connection_reset=True,
-        reason="overflow",
-        dropped=9,
-    )
-    assert (n.channel, n.payload, n.pid, n.connection_reset, n.reason, n.dropped) == (
-        "c",
-        "p",
-        3,
-        True,
-        "overflow",
-        9,
-    )
-    d = Notification("chan")
-    assert (d.channel, d.payload, d.pid, d.connection_reset, d.reason, d.dropped) == (
-        "chan",
-        "",
-        0,
-        False,
-        None,
-        0,
-    )
-    assert Notification("c", "p", 1, False) == Notification(
-        channel="c", payload="p", pid=1
-    )
-    # All six fields may be given positionally, in attribute order.
-    assert Notification("c", "", 0, True, "overflow", 4) == Notification(
-        "c", connection_reset=True, reason="overflow", dropped=4
-    )
-
-
-def test_notification_match_args() -> None:
-    match Notification("orders", "42", 7):
-        case Notification(channel, payload, pid):
-            assert (channel, payload, pid) == ("orders", "42", 7)
-        case _:  # pragma: no cover
-            pytest.fail("positional pattern did not match")
-
-
-def test_notification_constructor_errors() -> None:
-    with pytest.raises(TypeError):
-        Notification(b"chan")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        Notification(5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        Notification("c", b"payload")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        Notification()  # type: ignore[call-arg]
-    with pytest.raises(TypeError):
-        Notification("c", "", 0, True, None, 0, "extra")  # type: ignore[call-arg]
-    with pytest.raises(TypeError):
-        Notification("c", nope=1)  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match="reason"):
-        Notification("c", reason=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="negative"):
-        Notification("c", dropped=-1)
-    with pytest.raises(TypeError):
-        type("Sub", (Notification,), {})
-
-
-def test_notification_is_immutable() -> None:
-    n = Notification("c", "p", 1)
-    for attr, value in [
-        ("channel", "x"),
-        ("payload", "x"),
-        ("pid", 2),
-        ("connection_reset", True),
-        ("reason", "listen"),
-        ("dropped", 1),
-        ("extra", 1),
-    ]:
-        with pytest.raises(AttributeError):
-            setattr(n, attr, value)
-    with pytest.raises(AttributeError):
-        del n.channel
-    assert (n.channel, n.payload, n.pid) == ("c", "p", 1)
-
-
-def test_notification_equality_and_hash() -> None:
-    a = Notification("c", "p", 1)
-    b = Notification("c", "p", 1)
-    assert a == b
-    assert not a != b  # noqa: SIM202 - exercises __ne__
-    assert hash(a) == hash(b)
-    assert len({a, b}) == 1
-    for other in [
-        Notification("d", "p", 1),
-        Notification("c", "q", 1),
-        Notification("c", "p", 2),
-        Notification("c", "p", 1, True),
-        Notification("c", "p", 1, reason="listen"),
-        Notification("c", "p", 1, dropped=1),
-    ]:
-        assert a != other
-    assert a != ("c", "p", 1)
-    m = Notification("c", "", 0, True, reason="overflow", dropped=4)
-    assert hash(m) == hash(
-        Notification("c", connection_reset=True, reason="overflow", dropped=4)
-    )
-
-
-def test_notification_repr() -> None:
-    assert (
-        repr(Notification("c", "p", 5))
-        == "Notification(channel='c', payload='p', pid=5)"
-    )
-    assert (
-        repr(Notification("c", connection_reset=True, reason="listen"))
-        == "Notification(channel='c', connection_reset=True, reason='listen')"
-    )
-    assert repr(
-        Notification("c", connection_reset=True, reason="overflow", dropped=3)
-    ) == (
-        "Notification(channel='c', connection_reset=True, reason='overflow', dropped=3)"
-    )
-
-
-@pytest.mark.parametrize("copier", [copy.copy, copy.deepcopy])
-def test_notification_copy(copier: Callable[[Notification], Notification]) -> None:
-    for n in [
-        Notification("c", "payload", 12),
-        Notification("c", "", 0, True, reason="overflow", dropped=7),
-    ]:
-        c = copier(n)
-        assert c == n
-        assert (c.reason, c.dropped, c.connection_reset) == (
-            n.reason,
-            n.dropped,
-            n.connection_reset,
-        )
-
-
-@pytest.mark.skipif(
-    _package_notification() is not Notification,
-    reason="pglisten_fast (package __init__) does not export Notification yet; "
-    "pickle looks the type up there",
-)
-def test_notification_pickle_round_trip() -> None:
-    for n in [
-        Notification("c", "payload", 12),
-        Notification("c", connection_reset=True, reason="reconnect"),
-        Notification("c", connection_reset=True, reason="overflow", dropped=2**40),
-    ]:
-        for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-            back = pickle.loads(pickle.dumps(n, protocol))
-            assert type(back) is Notification
-            assert back == n
-            assert (back.reason, back.dropped) == (n.reason, n.dropped)

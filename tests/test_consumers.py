@@ -1,0 +1,158 @@
+"""Ways to consume a subscription: several consumer threads, a handler.
+
+Four threads share one subscription through ``get``, ``get_batch`` and
+iteration (nothing lost, nothing twice); a handler subscription runs on its
+own thread, survives a handler exception (logged) and ends with
+``unlisten()``.
+
+Passes under both read paths (``PGLISTEN_FAST_IMPL=python`` runs the Python one).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.rows import TupleRow
+
+import pglisten_fast as pgl
+from tests.helpers import TIMEOUT, Worker, listen_ready, wait_until
+
+Conn = psycopg.Connection[TupleRow]
+
+
+
+@pytest.fixture
+def listener(dsn: str) -> Iterator[pgl.Listener]:
+    """A started listener, stopped after the test."""
+    lst = pgl.Listener(dsn)
+    lst.start()
+    try:
+        yield lst
+    finally:
+        lst.stop(timeout=5)
+
+
+# ---------------------------------------------------------------------------
+# several consumers
+# ---------------------------------------------------------------------------
+
+
+def test_several_consumers_share_one_subscription(
+    listener: pgl.Listener, conn: Conn
+) -> None:
+    total = 20_000
+    sub = listener.listen("consumers")
+    lock = threading.Lock()
+    per_consumer: list[list[pgl.Notification]] = [[] for _ in range(4)]
+
+    def keep(k: int, items: list[pgl.Notification]) -> None:
+        with lock:
+            per_consumer[k].extend(items)
+
+    def by_batch(k: int) -> None:
+        while True:
+            try:
+                batch = sub.get_batch(max_items=64, timeout=0.5)
+            except pgl.Closed:
+                return
+            keep(k, batch)
+
+    def by_get(k: int) -> None:
+        while True:
+            try:
+                n = sub.get(timeout=0.5)
+            except pgl.Empty:
+                continue
+            except pgl.Closed:
+                return
+            keep(k, [n])
+
+    def by_iter(k: int) -> None:
+        for n in sub:
+            keep(k, [n])
+
+    workers = [
+        Worker(lambda: by_batch(0)), Worker(lambda: by_batch(1)),
+        Worker(lambda: by_get(2)), Worker(lambda: by_iter(3)),
+    ]
+
+    def count() -> int:
+        with lock:
+            return sum(len(x) for x in per_consumer)
+
+    wait_until(lambda: count() >= 1, message="the listen marker")
+    pgl.notify_many(conn, "consumers", [str(i) for i in range(total)])
+    wait_until(lambda: count() >= total + 1, timeout=60,
+               message="every notification consumed")
+    sub.unlisten()
+    for w in workers:
+        w.join()
+
+    everything = [n for items in per_consumer for n in items]
+    markers = [n for n in everything if n.connection_reset]
+    assert len(markers) == 1
+    assert markers[0].reason == "listen"
+    got = [int(n.payload) for n in everything if not n.connection_reset]
+    assert len(got) == total                       # no duplicates...
+    assert set(got) == set(range(total))           # ...and nothing lost
+    # Order is only promised to a single consumer: an iterator parks the rest
+    # of its batch after another consumer may have taken newer items, so
+    # per-consumer order is not checked here.
+    assert sub.stats.delivered == total
+
+
+# ---------------------------------------------------------------------------
+# handlers
+# ---------------------------------------------------------------------------
+
+
+def test_handler_subscription(
+    listener: pgl.Listener, conn: Conn, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="pglisten_fast")
+    calls: list[tuple[pgl.Notification, threading.Thread]] = []
+    seen_end = threading.Event()
+
+    def handler(n: pgl.Notification) -> None:
+        calls.append((n, threading.current_thread()))
+        if n.payload == "boom":
+            raise RuntimeError("handler failure on purpose")
+        if n.payload == "end":
+            seen_end.set()
+
+    sub = listener.listen("handled", handler=handler)
+    wait_until(lambda: len(calls) >= 1, message="handler called for the marker")
+    marker = calls[0][0]
+    assert marker.connection_reset
+    assert marker.reason == "listen"
+
+    pgl.notify_many(conn, "handled", ["1", "boom", "2", "end"])
+    assert seen_end.wait(TIMEOUT)
+    assert [n.payload for n, _ in calls[1:]] == ["1", "boom", "2", "end"]
+    worker = calls[0][1]
+    assert worker is not threading.main_thread()
+    assert worker is not threading.current_thread()
+    assert all(t is worker for _, t in calls)
+
+    failures = [r for r in caplog.records if r.exc_info is not None
+                and isinstance(r.exc_info[1], RuntimeError)]
+    assert len(failures) == 1
+    assert failures[0].name == "pglisten_fast"
+    assert failures[0].levelno == logging.ERROR
+    assert "handler failure on purpose" in str(failures[0].exc_info[1])  # type: ignore[index]
+
+    assert worker.is_alive()
+    sub.unlisten()
+    worker.join(TIMEOUT)
+    assert not worker.is_alive(), "the handler thread did not end after unlisten()"
+
+    # Nothing more reaches the handler: a witness subscription sees it instead.
+    witness = listen_ready(listener, "handled")
+    before = len(calls)
+    pgl.notify(conn, "handled", "after-unlisten")
+    assert witness.get(timeout=TIMEOUT).payload == "after-unlisten"
+    assert len(calls) == before
