@@ -35,23 +35,14 @@ from pglisten_fast._pglf import lib
 
 from pglisten_fast._records import Notification
 from pglisten_fast._ring import (
-    CLOSED,
-    E2BIG,
-    EINVAL,
-    FULL,
-    KIND_MARKER,
-    KIND_NOTIFY,
     MAX_CAPACITY,
     MIN_CAPACITY,
-    OK,
-    READY,
-    REASON_LISTEN,
-    REASON_OVERFLOW,
-    REASON_RECONNECT,
-    TIMEOUT,
+    Kind,
     RawRecord,
+    Reason,
     Ring,
     RingFull,
+    Status,
     round_capacity,
 )
 
@@ -85,12 +76,12 @@ def expected_notification(
 ) -> Notification:
     """What ``Ring.drain`` must build for ``rec``."""
     channel = channels[rec.chan]
-    if rec.kind == KIND_NOTIFY:
+    if rec.kind == Kind.NOTIFY:
         text = rec.payload.decode(encoding or "utf-8", "replace")
         return Notification(channel, text, rec.pid)
-    if rec.reason == REASON_LISTEN:
+    if rec.reason == Reason.LISTEN:
         return Notification(channel, "", 0, True, reason="listen")
-    if rec.reason == REASON_RECONNECT:
+    if rec.reason == Reason.RECONNECT:
         return Notification(channel, "", 0, True, reason="reconnect")
     dropped = int.from_bytes(rec.payload[:8], "little") if len(rec.payload) >= 8 else 0
     return Notification(channel, "", 0, True, reason="overflow", dropped=dropped)
@@ -144,21 +135,21 @@ class RingModel:
         return min(reserve, self.capacity // 2)
 
     def write(self, rec: RawRecord, reserve: int) -> int:
-        if rec.kind not in (KIND_NOTIFY, KIND_MARKER):
-            return EINVAL  # only the ring itself writes PAD (or other) kinds
+        if rec.kind not in (Kind.NOTIFY, Kind.MARKER):
+            return Status.EINVAL  # only the ring itself writes PAD (or other) kinds
         pad, size = self.placement(len(rec.payload))
         if size > self.capacity // 2:
-            return E2BIG
+            return Status.E2BIG
         limit = self.capacity - self.effective_reserve(reserve)
         if self.tail + pad + size - self.head > limit:
-            return FULL
+            return Status.FULL
         self.tail += pad + size
         self.records.append(Stored(rec, self.tail))
-        if rec.kind == KIND_NOTIFY:
+        if rec.kind == Kind.NOTIFY:
             self.written += 1
-        elif rec.kind == KIND_MARKER:
+        elif rec.kind == Kind.MARKER:
             self.markers += 1
-        return OK
+        return Status.OK
 
     def take(self, n: int) -> list[RawRecord]:
         """Consume the first ``n`` records."""
@@ -167,7 +158,7 @@ class RingModel:
             stored = self.records.popleft()
             self.head = stored.end
             out.append(stored.record)
-            if stored.record.kind == KIND_NOTIFY:
+            if stored.record.kind == Kind.NOTIFY:
                 self.delivered += 1
         return out
 
@@ -292,7 +283,7 @@ class RingMachine(RuleBasedStateMachine):
         self,
         length: int,
         *,
-        kind: int = KIND_NOTIFY,
+        kind: int = Kind.NOTIFY,
         reason: int = 0,
         chan: int = 0,
         pid: int = 0,
@@ -300,7 +291,7 @@ class RingMachine(RuleBasedStateMachine):
     ) -> None:
         self.seq += 1
         payload = bytearray(payload_for(self.seq, length))
-        if kind != KIND_NOTIFY and length >= 8:
+        if kind != Kind.NOTIFY and length >= 8:
             payload[7] &= 0x7F  # overflow counts are below 2**63
         rec = RawRecord(kind, reason, chan, pid, bytes(payload))
         where = f"tail={self.model.tail} head={self.model.head}"
@@ -318,7 +309,7 @@ class RingMachine(RuleBasedStateMachine):
         shape=st.sampled_from(LENGTH_SHAPES),
         n=st.integers(0, 1 << 20),
         kind=st.sampled_from(
-            [KIND_NOTIFY, KIND_NOTIFY, KIND_NOTIFY, KIND_MARKER, 0, 200]
+            [Kind.NOTIFY, Kind.NOTIFY, Kind.NOTIFY, Kind.MARKER, 0, 200]
         ),
         reason=st.integers(0, 255),
         chan=st.sampled_from([0, 1, 2, 3, UNKNOWN_CHAN]),
@@ -354,10 +345,10 @@ class RingMachine(RuleBasedStateMachine):
     @rule(
         length=st.integers(0, 300),
         chan=st.integers(0, 3),
-        reason=st.sampled_from([REASON_LISTEN, REASON_RECONNECT, REASON_OVERFLOW]),
+        reason=st.sampled_from([Reason.LISTEN, Reason.RECONNECT, Reason.OVERFLOW]),
     )
     def write_traffic_marker(self, length: int, chan: int, reason: int) -> None:
-        self._write(length % 9, kind=KIND_MARKER, reason=reason, chan=chan)
+        self._write(length % 9, kind=Kind.MARKER, reason=reason, chan=chan)
 
     @rule(
         max_records=st.integers(0, 40),
@@ -425,9 +416,9 @@ class RingMachine(RuleBasedStateMachine):
     def wait_now(self) -> None:
         rc = self.r.wait(0)
         if self.model.records:
-            assert rc == READY
+            assert rc == Status.READY
         else:
-            assert rc == (CLOSED if self.model.closed else TIMEOUT)
+            assert rc == (Status.CLOSED if self.model.closed else Status.TIMEOUT)
         self.model.consumer_armed = False
 
     @rule()
@@ -568,30 +559,30 @@ def test_round_capacity_rejects_out_of_range(bad: int) -> None:
 def test_e2big_above_max_payload() -> None:
     ring = Ring(4096)
     assert ring.max_payload == 2032
-    assert ring.write(b"x" * (ring.max_payload + 1)) == E2BIG
-    assert ring.write(b"x" * 10_000) == E2BIG
+    assert ring.write(b"x" * (ring.max_payload + 1)) == Status.E2BIG
+    assert ring.write(b"x" * 10_000) == Status.E2BIG
     assert ring.used == 0
     with pytest.raises(ValueError, match="maximum payload of 2032 bytes"):
         ring.write_or_raise(b"x" * 2033)
-    assert ring.write(b"y" * ring.max_payload) == OK
+    assert ring.write(b"y" * ring.max_payload) == Status.OK
     assert ring.used == 2048
-    assert ring.drain_raw(10) == [RawRecord(KIND_NOTIFY, 0, 0, 0, b"y" * 2032)]
+    assert ring.drain_raw(10) == [RawRecord(Kind.NOTIFY, 0, 0, 0, b"y" * 2032)]
 
 
 def test_full_edges() -> None:
     ring = Ring(4096)
     # 4 records of 1024 bytes fill the ring exactly.
     for i in range(4):
-        assert ring.write(bytes([i]) * (1024 - REC_HDR), chan=i) == OK
+        assert ring.write(bytes([i]) * (1024 - REC_HDR), chan=i) == Status.OK
     assert ring.used == 4096
     assert ring.free_bytes() == 0
-    assert ring.write(b"") == FULL
+    assert ring.write(b"") == Status.FULL
     with pytest.raises(RingFull):
         ring.write_or_raise(b"")
     assert [r.chan for r in ring.drain_raw(1)] == [0]
     # 1024 bytes free, but a reserve of 8 leaves room for 1016 only.
-    assert ring.write(b"a" * (1024 - REC_HDR), reserve=8) == FULL
-    assert ring.write(b"a" * (1016 - REC_HDR), reserve=8) == OK
+    assert ring.write(b"a" * (1024 - REC_HDR), reserve=8) == Status.FULL
+    assert ring.write(b"a" * (1016 - REC_HDR), reserve=8) == Status.OK
     assert ring.used == 4096 - 8
     assert [r.chan for r in ring.drain_raw(10)] == [1, 2, 3, 0]
     assert ring.used == 0
@@ -599,31 +590,31 @@ def test_full_edges() -> None:
 
 def test_wrap_inserts_pad() -> None:
     ring = Ring(4096)
-    assert ring.write(b"a" * (2048 - REC_HDR)) == OK  # [0, 2048)
-    assert ring.write(b"b" * (1024 - REC_HDR)) == OK  # [2048, 3072)
+    assert ring.write(b"a" * (2048 - REC_HDR)) == Status.OK  # [0, 2048)
+    assert ring.write(b"b" * (1024 - REC_HDR)) == Status.OK  # [2048, 3072)
     assert len(ring.drain_raw(2)) == 2
     # 1024 bytes before the end: a 1504-byte record is padded to offset 0.
-    assert ring.write(b"c" * (1504 - REC_HDR), chan=7) == OK
+    assert ring.write(b"c" * (1504 - REC_HDR), chan=7) == Status.OK
     assert ring.used == 1024 + 1504
     assert ring.free_bytes() == 4096 - 2528
     # The pad is consumed together with the record behind it.
-    assert ring.drain_raw(5) == [RawRecord(KIND_NOTIFY, 0, 7, 0, b"c" * 1488)]
+    assert ring.drain_raw(5) == [RawRecord(Kind.NOTIFY, 0, 7, 0, b"c" * 1488)]
     assert ring.used == 0
 
 
 def test_wrap_skips_fragment_shorter_than_header() -> None:
     ring = Ring(4096)
-    assert ring.write(b"a" * (2048 - REC_HDR)) == OK  # [0, 2048)
-    assert ring.write(b"b" * (2040 - REC_HDR)) == OK
+    assert ring.write(b"a" * (2048 - REC_HDR)) == Status.OK  # [0, 2048)
+    assert ring.write(b"b" * (2040 - REC_HDR)) == Status.OK
     assert ring.used == 4088
     assert len(ring.drain_raw(2)) == 2
     # 8 bytes before the end: too short for a PAD header, skipped implicitly.
-    assert ring.write(b"", chan=1) == OK
+    assert ring.write(b"", chan=1) == Status.OK
     assert ring.used == 8 + 16
-    assert ring.write(b"tiny", chan=2) == OK
+    assert ring.write(b"tiny", chan=2) == Status.OK
     assert ring.drain_raw(5) == [
-        RawRecord(KIND_NOTIFY, 0, 1, 0, b""),
-        RawRecord(KIND_NOTIFY, 0, 2, 0, b"tiny"),
+        RawRecord(Kind.NOTIFY, 0, 1, 0, b""),
+        RawRecord(Kind.NOTIFY, 0, 2, 0, b"tiny"),
     ]
     assert ring.used == 0
 
@@ -631,12 +622,13 @@ def test_wrap_skips_fragment_shorter_than_header() -> None:
 def test_stats_counters() -> None:
     ring = Ring(8192)
     for i in range(5):
-        assert ring.write(f"n{i}".encode(), chan=1, pid=100 + i) == OK
-    assert ring.write(b"", kind=KIND_MARKER, reason=REASON_LISTEN) == OK
+        assert ring.write(f"n{i}".encode(), chan=1, pid=100 + i) == Status.OK
+    assert ring.write(b"", kind=Kind.MARKER, reason=Reason.LISTEN) == Status.OK
     assert (
-        ring.write(struct.pack("<Q", 3), kind=KIND_MARKER, reason=REASON_OVERFLOW) == OK
+        ring.write(struct.pack("<Q", 3), kind=Kind.MARKER, reason=Reason.OVERFLOW)
+        == Status.OK
     )
-    assert ring.write(b"other", kind=0) == EINVAL  # refused, not counted
+    assert ring.write(b"other", kind=0) == Status.EINVAL  # refused, not counted
     assert ring.stats() == (5, 0, 0, 2)
     assert len(ring.drain_raw(3)) == 3
     assert ring.stats() == (5, 3, 0, 2)
@@ -651,9 +643,9 @@ def test_stats_counters() -> None:
 def test_drain_builds_notifications() -> None:
     ring = Ring(8192)
     channels = ("alpha", "beta", "gamma")
-    assert ring.write("héllo".encode(), chan=1, pid=4242) == OK
-    assert ring.write(b"bad \xff\xfe bytes", chan=2, pid=-7) == OK
-    assert ring.write(b"", chan=0, pid=1) == OK
+    assert ring.write("héllo".encode(), chan=1, pid=4242) == Status.OK
+    assert ring.write(b"bad \xff\xfe bytes", chan=2, pid=-7) == Status.OK
+    assert ring.write(b"", chan=0, pid=1) == Status.OK
     got = ring.drain(channels, 10)
     assert got == [
         Notification("beta", "héllo", 4242),
@@ -672,12 +664,13 @@ def test_drain_builds_notifications() -> None:
 def test_drain_markers() -> None:
     ring = Ring(8192)
     channels = ("a", "b")
-    assert ring.write(b"", kind=KIND_MARKER, reason=REASON_LISTEN, chan=0, pid=99) == OK
-    assert ring.write(b"", kind=KIND_MARKER, reason=REASON_RECONNECT, chan=1) == OK
+    marker = {"kind": Kind.MARKER}
+    assert ring.write(b"", **marker, reason=Reason.LISTEN, chan=0, pid=99) == Status.OK
+    assert ring.write(b"", **marker, reason=Reason.RECONNECT, chan=1) == Status.OK
     big = 2**40 + 7
     overflow = struct.pack("<Q", big)
-    assert ring.write(overflow, kind=KIND_MARKER, reason=REASON_OVERFLOW, chan=1) == OK
-    assert ring.write(b"\x05\x00", kind=KIND_MARKER, reason=REASON_OVERFLOW) == OK
+    assert ring.write(overflow, **marker, reason=Reason.OVERFLOW, chan=1) == Status.OK
+    assert ring.write(b"\x05\x00", **marker, reason=Reason.OVERFLOW) == Status.OK
     got = ring.drain(channels, 10)
     assert [
         (n.channel, n.connection_reset, n.reason, n.dropped, n.pid, n.payload)
@@ -694,7 +687,7 @@ def test_drain_markers() -> None:
 def test_drain_max_items_and_encoding() -> None:
     ring = Ring(8192)
     for i in range(5):
-        assert ring.write(f"caf\xe9 {i}".encode("latin-1"), chan=0, pid=i) == OK
+        assert ring.write(f"caf\xe9 {i}".encode("latin-1"), chan=0, pid=i) == Status.OK
     assert ring.drain(("ch",), 0) == []
     assert ring.drain(("ch",), -3) == []
     assert ring.used > 0
@@ -707,8 +700,8 @@ def test_drain_max_items_and_encoding() -> None:
 
 def test_drain_unknown_channel_keeps_record() -> None:
     ring = Ring(8192)
-    assert ring.write(b"ok", chan=0) == OK
-    assert ring.write(b"lost?", chan=5) == OK
+    assert ring.write(b"ok", chan=0) == Status.OK
+    assert ring.write(b"lost?", chan=5) == Status.OK
     # A partial batch is returned and the bad record stays in the ring.
     assert ring.drain(("only",), 10) == [Notification("only", "ok", 0)]
     used = ring.used
@@ -716,7 +709,7 @@ def test_drain_unknown_channel_keeps_record() -> None:
     with pytest.raises(RuntimeError, match="unknown channel"):
         ring.drain(("only",), 10)
     assert ring.used == used
-    assert ring.drain_raw(10) == [RawRecord(KIND_NOTIFY, 0, 5, 0, b"lost?")]
+    assert ring.drain_raw(10) == [RawRecord(Kind.NOTIFY, 0, 5, 0, b"lost?")]
 
 
 # ---------------------------------------------------------------------------
@@ -726,31 +719,31 @@ def test_drain_unknown_channel_keeps_record() -> None:
 def test_wait_timeout_on_empty_ring() -> None:
     ring = Ring(4096)
     t0 = time.monotonic()
-    assert ring.wait(0.05) == TIMEOUT
+    assert ring.wait(0.05) == Status.TIMEOUT
     assert time.monotonic() - t0 >= 0.045
-    assert ring.wait(0) == TIMEOUT
+    assert ring.wait(0) == Status.TIMEOUT
 
 
 def test_wait_ready_when_data_present() -> None:
     ring = Ring(4096)
-    assert ring.write(b"x") == OK
+    assert ring.write(b"x") == Status.OK
     t0 = time.monotonic()
-    assert ring.wait(5.0) == READY
-    assert ring.wait(None) == READY
+    assert ring.wait(5.0) == Status.READY
+    assert ring.wait(None) == Status.READY
     assert time.monotonic() - t0 < 1.0
-    assert ring.drain_raw(1) == [RawRecord(KIND_NOTIFY, 0, 0, 0, b"x")]
-    assert ring.wait(0) == TIMEOUT
+    assert ring.drain_raw(1) == [RawRecord(Kind.NOTIFY, 0, 0, 0, b"x")]
+    assert ring.wait(0) == Status.TIMEOUT
 
 
 def test_wait_closed_only_after_drained() -> None:
     ring = Ring(4096)
-    assert ring.write(b"last") == OK
+    assert ring.write(b"last") == Status.OK
     ring.close()
     assert ring.closed
-    assert ring.wait(0) == READY  # data first
-    assert ring.drain_raw(5) == [RawRecord(KIND_NOTIFY, 0, 0, 0, b"last")]
-    assert ring.wait(0) == CLOSED
-    assert ring.wait(None) == CLOSED
+    assert ring.wait(0) == Status.READY  # data first
+    assert ring.drain_raw(5) == [RawRecord(Kind.NOTIFY, 0, 0, 0, b"last")]
+    assert ring.wait(0) == Status.CLOSED
+    assert ring.wait(None) == Status.CLOSED
     assert ring.consumer_wait_arm() is True
 
 
@@ -804,16 +797,16 @@ def test_wait_woken_by_producer_thread() -> None:
     _until_consumer_sleeps(ring, waiter)
 
     def produce() -> bool:
-        assert ring.write(b"wake up", chan=3, pid=17) == OK
+        assert ring.write(b"wake up", chan=3, pid=17) == Status.OK
         ring.wake_consumer()
         return True
 
     producer = _Thread(produce)
     assert producer.join() is True
     t0 = time.monotonic()
-    assert waiter.join() == READY
+    assert waiter.join() == Status.READY
     assert time.monotonic() - t0 < JOIN_TIMEOUT / 2
-    assert ring.drain_raw(10) == [RawRecord(KIND_NOTIFY, 0, 3, 17, b"wake up")]
+    assert ring.drain_raw(10) == [RawRecord(Kind.NOTIFY, 0, 3, 17, b"wake up")]
 
 
 def test_wait_woken_by_close() -> None:
@@ -821,7 +814,7 @@ def test_wait_woken_by_close() -> None:
     waiter = _Thread(lambda: ring.wait(None))
     _until_consumer_sleeps(ring, waiter)
     ring.close()
-    assert waiter.join() == CLOSED
+    assert waiter.join() == Status.CLOSED
 
 
 def test_consumer_arm_then_wake_signals_fd() -> None:
@@ -836,7 +829,7 @@ def test_consumer_arm_then_wake_signals_fd() -> None:
 
     thread = _Thread(consumer)
     assert armed.wait(JOIN_TIMEOUT)
-    assert ring.write(b"data") == OK
+    assert ring.write(b"data") == Status.OK
     assert ring.wake_consumer() is True  # the consumer announced its sleep
     assert ring.wake_consumer() is False  # one signal per announcement
     assert thread.join() == (False, [ring.wake.rfd])
@@ -848,19 +841,19 @@ def test_consumer_disarm_keeps_a_sent_signal() -> None:
     """A signal sent before disarm stays pending: the next wait re-checks."""
     ring = Ring(4096)
     assert ring.consumer_wait_arm() is False
-    assert ring.write(b"x") == OK
+    assert ring.write(b"x") == Status.OK
     assert ring.wake_consumer() is True
     ring.consumer_wait_disarm()
     readable, _, _ = select.select([ring.wake.rfd], [], [], 0)
     assert readable == [ring.wake.rfd]
-    assert ring.wait(0) == READY
+    assert ring.wait(0) == Status.READY
     assert [r.payload for r in ring.drain_raw(10)] == [b"x"]
 
 
 def test_pad_kind_is_refused() -> None:
     ring = Ring(4096)
-    assert ring.write(b"abc", kind=2) == EINVAL
-    assert ring.write(b"x") == OK
+    assert ring.write(b"abc", kind=2) == Status.EINVAL
+    assert ring.write(b"x") == Status.OK
     assert [r.payload for r in ring.drain_raw(10)] == [b"x"]
 
 
@@ -869,7 +862,7 @@ def test_producer_wait_signalled_when_space_frees() -> None:
     try:
         ring = Ring(4096, producer_wfd=pfd)
         for _ in range(4):
-            assert ring.write(b"z" * (1024 - REC_HDR)) == OK
+            assert ring.write(b"z" * (1024 - REC_HDR)) == Status.OK
         assert ring.producer_wait_arm(2048) is False
         assert len(ring.drain_raw(1)) == 1  # 1024 free: not enough
         assert read_eventfd(pfd) is None
