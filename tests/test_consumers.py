@@ -156,3 +156,49 @@ def test_handler_subscription(
     pgl.notify(conn, "handled", "after-unlisten")
     assert witness.get(timeout=TIMEOUT).payload == "after-unlisten"
     assert len(calls) == before
+
+
+def _handler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.name.startswith("pglisten-fast-handler-")]
+
+
+def test_stop_waits_for_handlers_to_finish_what_was_buffered(
+    dsn: str, conn: Conn
+) -> None:
+    seen: list[pgl.Notification] = []
+    gate = threading.Event()
+
+    def handler(n: pgl.Notification) -> None:
+        gate.wait()          # hold the handler until everything is buffered
+        seen.append(n)
+
+    listener = pgl.Listener(dsn).start()
+    listener.listen("handled_at_stop", handler=handler)
+    wait_until(lambda: "handled_at_stop" in listener.channels)
+    pgl.notify_many(conn, "handled_at_stop", [str(i) for i in range(50)])
+    wait_until(lambda: listener.stats.received >= 50, message="all routed")
+    gate.set()
+    listener.stop()
+    assert [n.payload for n in seen if not n.connection_reset] == [
+        str(i) for i in range(50)
+    ]
+    assert _handler_threads() == []
+
+
+def test_stop_timeout_bounds_the_wait_for_a_stuck_handler(dsn: str) -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def handler(n: pgl.Notification) -> None:
+        entered.set()
+        gate.wait()
+
+    listener = pgl.Listener(dsn).start()
+    sub = listener.listen("stuck_handler", handler=handler)
+    assert entered.wait(TIMEOUT), "the handler got the listen marker"
+    listener.stop(timeout=0.2)           # returns although the handler is stuck
+    assert sub.closed
+    assert [t.is_alive() for t in _handler_threads()] == [True]
+    gate.set()                            # the handler ends once released
+    wait_until(lambda: _handler_threads() == [], message="handler thread ended")

@@ -18,7 +18,7 @@ Connection life cycle::
 
 Where the parts live: channel bookkeeping in :mod:`._channels`, queries
 and their answers in :mod:`._queries`, connection sources and backoff in
-:mod:`._connect`, routing in :mod:`._router`.
+:mod:`._connect`, routing in :mod:`._router`, the subscriptions in :mod:`._subs`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ from ._connect import (
 )
 from ._queries import Query, QueryKind
 from ._readpath import ReadPath, open_read_path
-from ._ring import Reason, Ring, WakeFd
-from ._router import ChannelState, Router, RouterCounters, RouterSub, RunFlag
+from ._ring import Ring, WakeFd
+from ._router import Router, RouterCounters, RunFlag
+from ._subs import Registry
 
 __all__ = ["Engine"]
 
@@ -90,10 +91,8 @@ class Engine:
         self._commands: deque[Command] = deque()
         self._stopping = False
 
-        self._subs: dict[SubSpec, RouterSub] = {}
-        # channel -> (subscription, channel index) of every subscription on it
-        self._targets: dict[str, list[tuple[SubSpec, int]]] = {}
         self._book = ChannelBook()
+        self._subs = Registry(self._router, self._book)
 
         self._conn: psycopg.Connection[Any] | None = None
         self._reader: ReadPath | None = None
@@ -157,7 +156,7 @@ class Engine:
             # State first, then wake the consumers: whoever sees Closed also
             # sees a disconnected listener.
             self._publish(connected=False, channels=frozenset())
-            specs = list(self._subs)
+            specs = self._subs.specs()
             while self._commands:
                 specs.append(self._commands.popleft().spec)
             for spec in specs:
@@ -186,32 +185,10 @@ class Engine:
             self._sync()
 
     def _add(self, spec: SubSpec) -> None:
-        if spec in self._subs or spec.ring.closed:
-            return
-        rsub = self._router.add(spec.ring, spec.channels, block=spec.block,
-                                reserve=spec.reserve)
-        self._subs[spec] = rsub
-        self._book.want(spec.channels)
-        for idx, ch in enumerate(spec.channels):
-            self._targets.setdefault(ch, []).append((spec, idx))
-            if self._ready and self._book.in_effect(ch):
-                # Already LISTENed on this connection: in effect right now.
-                rsub.activate(idx, Reason.RECONNECT)
-        self._router.wake()
+        self._subs.add(spec, lambda ch: self._ready and self._book.in_effect(ch))
 
     def _remove(self, spec: SubSpec) -> None:
-        rsub = self._subs.pop(spec, None)
-        if rsub is None:
-            return
-        rsub.free()
-        self._book.unwant(spec.channels)
-        for ch in spec.channels:
-            targets = [t for t in self._targets.get(ch, ()) if t[0] is not spec]
-            if targets:
-                self._targets[ch] = targets
-            else:
-                self._targets.pop(ch, None)
-        spec.ring.close()
+        self._subs.remove(spec)
 
     # ------------------------------------------------------------------
     # disconnected
@@ -456,12 +433,7 @@ class Engine:
         # Published before the markers are queued: a consumer that sees the
         # "listen" marker also sees the channel in listener.channels.
         self._publish(channels=self._book.confirmed)
-        for ch in batch.listen:
-            for spec, idx in self._targets.get(ch, ()):
-                rsub = self._subs[spec]
-                if rsub.state(idx) != ChannelState.LIVE:
-                    rsub.activate(idx, Reason.RECONNECT)
-        self._router.wake()
+        self._subs.listened(batch.listen)
         if batch.listen or batch.unlisten:
             logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
                          len(batch.listen), len(batch.unlisten))
@@ -480,7 +452,7 @@ class Engine:
             reason = f"LISTEN {ch!r} refused by the server: {msg}"
             logger.error("%s; closing its subscriptions", reason)
             self._publish(last_error=reason)
-            for spec, _idx in list(self._targets.get(ch, ())):
+            for spec in self._subs.on_channel(ch):
                 self._remove(spec)
         else:
             logger.warning("LISTEN/UNLISTEN batch refused by the server (%s); "
