@@ -9,16 +9,16 @@ Subcommands:
 ``demo``
     publish a burst of notifications in one transaction and receive it,
     against an embedded throwaway PostgreSQL unless a DSN is given;
-``bench [ARGS...]``
-    run the peer comparison ``benchmarks/compare.py`` (repository checkouts
-    only).
 
 Exit status: 0 success (``listen`` also ends with 0 on Ctrl-C, SIGTERM or a
 closed stdout), 1 the demo found missing or out-of-order notifications or
 the server refused a statement, 2 PostgreSQL unreachable or the DSN is
-invalid (also: embedded server or benchmark script unavailable), 64 usage
-error (bad option, invalid channel name or payload), 130 interrupted
-(``notify``, ``demo``, ``bench``).
+invalid (also: embedded server unavailable), 64 usage error (bad option,
+invalid channel name or payload), 130 interrupted (``notify``, ``demo``).
+
+The peer comparison (pglisten_fast against other LISTEN clients and a
+minimal C libpq loop) is not part of the installed package: it lives in the
+source repository and runs from a checkout, ``python benchmarks/compare.py``.
 
 Only the standard library is used here (argparse; the progress bar and the
 table are drawn by hand) so that the command works wherever the package
@@ -36,7 +36,6 @@ import re
 import select
 import shutil
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -44,7 +43,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from json.encoder import encode_basestring_ascii as _json_str
-from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn, TextIO
 
@@ -77,11 +75,11 @@ DSN_ENV_VAR = "PGLISTEN_FAST_DSN"
 EXIT_OK = 0
 #: The demo found missing, extra or out-of-order notifications; a statement failed.
 EXIT_FAILED = 1
-#: Cannot connect (bad DSN, server unreachable), no embedded server, no bench script.
+#: Cannot connect (bad DSN, server unreachable), no embedded server.
 EXIT_CONNECT = 2
 #: Usage error (``EX_USAGE`` from sysexits.h): bad option, channel name, payload.
 EXIT_USAGE = 64
-#: Interrupted by Ctrl-C or SIGTERM (``notify``, ``demo``, ``bench``).
+#: Interrupted by Ctrl-C or SIGTERM (``notify``, ``demo``).
 EXIT_INTERRUPTED = 130
 
 #: Payloads per ``notify_many`` round trip when reading stdin.
@@ -931,53 +929,6 @@ def _demo_report(
 
 
 # ---------------------------------------------------------------------------
-# bench
-# ---------------------------------------------------------------------------
-
-
-def _find_bench_script() -> Path | None:
-    """``benchmarks/compare.py`` of the source checkout this package runs from."""
-    here = Path(__file__).resolve()
-    candidates = [here.parents[2] / "benchmarks" / "compare.py",
-                  Path.cwd() / "benchmarks" / "compare.py"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    return None
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    script = _find_bench_script()
-    if script is None:
-        _error(
-            "benchmarks/compare.py not found: the benchmarks ship with the source "
-            "repository, not with the installed package; run this command from a "
-            "checkout of pglisten_fast (or run `python benchmarks/compare.py` there)"
-        )
-        return EXIT_CONNECT
-    passthrough: list[str] = list(args.bench_args)
-    if passthrough[:1] == ["--"]:
-        passthrough = passthrough[1:]
-    cmd = [sys.executable, str(script), *passthrough]
-    logger.info("running %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd)
-    try:
-        with _sigterm_as_interrupt():
-            return proc.wait()
-    except KeyboardInterrupt:
-        # The benchmark got the same Ctrl-C (same process group); for SIGTERM
-        # we pass it on.  Give it time to clean up its servers.
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        return EXIT_INTERRUPTED
-
-
-# ---------------------------------------------------------------------------
 # argument parsing
 # ---------------------------------------------------------------------------
 
@@ -989,7 +940,6 @@ examples:
   {PROG} listen jobs --count 1        wait for one notification, print it, exit
   {PROG} notify orders 42
   seq 100000 | {PROG} notify orders   one notification per stdin line
-  {PROG} bench --quick                peer comparison (source checkout only)
 
 connection:
   --dsn takes a libpq connection string or URL.  Without it, ${DSN_ENV_VAR}
@@ -1001,9 +951,15 @@ exit status:
   1   the demo found missing or out-of-order notifications; the server
       refused a statement
   2   cannot connect to PostgreSQL or invalid DSN (also: the embedded server
-      or the benchmark script is not available)
+      is not available)
   64  usage error: bad option, invalid channel name or payload
-  130 interrupted (notify, demo, bench)
+  130 interrupted (notify, demo)
+
+peer comparison:
+  The benchmarks against other LISTEN clients (psycopg, asyncpg...) and a
+  minimal C libpq loop are not installed with the package: run
+  `python benchmarks/compare.py --quick` from a checkout of the source
+  repository (see benchmarks/README.md there).
 """
 
 
@@ -1118,51 +1074,13 @@ def _build_parser() -> _Parser:
                    help="give up when nothing arrives for S seconds (default: 60)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser(
-        "bench", formatter_class=fmt, add_help=False,
-        help="run the peer comparison benchmarks/compare.py",
-        description=_wrap(
-            "Run benchmarks/compare.py (from a source checkout) with "
-            "this Python; every argument after 'bench' is passed to it.  "
-            f"`{PROG} bench -- --help` shows its own options."),
-    )
-    p.add_argument("-h", "--help", action="help",
-                   help="show this help message and exit")
-    p.add_argument("bench_args", nargs="*", metavar="ARGS",
-                   help="arguments for compare.py (e.g. --rounds 3, --quick)")
-    p.set_defaults(func=_cmd_bench)
     return parser
-
-
-def _split_bench(argv: list[str]) -> tuple[list[str], list[str]] | None:
-    """For ``[global options] bench ARGS...``: (argv up to 'bench', ARGS).
-
-    argparse cannot pass unknown options (``--rounds 3``) through a
-    subcommand, so the arguments after ``bench`` are split off here.
-    """
-    for i, arg in enumerate(argv):
-        if arg == "bench":
-            return argv[: i + 1], argv[i + 1:]
-        if arg in ("-v", "--verbose") or re.fullmatch(r"-v+", arg):
-            continue
-        return None
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``--help``)."""
     args_list = sys.argv[1:] if argv is None else list(argv)
-    parser = _build_parser()
-    split = _split_bench(args_list)
-    if split is not None:
-        head, rest = split
-        if rest in (["-h"], ["--help"]):
-            head = [*head, "--help"]
-            rest = []
-        args = parser.parse_args(head)
-        args.bench_args = rest
-    else:
-        args = parser.parse_args(args_list)
+    args = _build_parser().parse_args(args_list)
     _setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
