@@ -49,13 +49,7 @@ from typing import Any, NoReturn, TextIO
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import __impl__, __version__
-from ._names import MAX_PAYLOAD_BYTES, check_channel, check_payload
-from ._records import Notification
-from .errors import Closed, ConnectError, Empty
-from .listener import Listener
-from .publish import notify, notify_many
-from .subscription import Subscription
+import pglisten_fast as pgl
 
 __all__ = [
     "DSN_ENV_VAR",
@@ -185,17 +179,17 @@ def _setup_logging(verbose: int) -> None:
     root.setLevel(level)
 
 
-def _start_listener(dsn: str, **kwargs: Any) -> Listener:
+def _start_listener(dsn: str, **kwargs: Any) -> pgl.Listener:
     """A started Listener, or :class:`_ConnectProblem` with a one-line reason."""
     _conninfo_params(dsn)  # a clear message for an unparsable DSN
     try:
-        listener = Listener(dsn, **kwargs)
+        listener = pgl.Listener(dsn, **kwargs)
     except ValueError as e:
         raise _ConnectProblem(_one_line(str(e))) from None
     _startup_quiet.active = True
     try:
         listener.start(wait=True)
-    except ConnectError as e:
+    except pgl.ConnectError as e:
         cause = e.__cause__
         reason = str(cause) if cause is not None else str(e)
         raise _ConnectProblem(
@@ -205,14 +199,54 @@ def _start_listener(dsn: str, **kwargs: Any) -> Listener:
     return listener
 
 
+#: PostgreSQL identifiers are at most 63 bytes (NAMEDATALEN - 1); the server
+#: would silently truncate a longer channel name.
+MAX_NAME_BYTES = 63
+#: A NOTIFY payload must be shorter than 8000 bytes (PostgreSQL's default).
+MAX_PAYLOAD_BYTES = 7999
+
+
+def _channel_problem(name: str) -> str | None:
+    """Why PostgreSQL cannot take ``name`` as a channel, or None if it can.
+
+    The library refuses the same names (``listen``, ``notify``); checking
+    here first reports them before any connection is attempted.
+    """
+    if not name:
+        return "channel name must not be empty"
+    if "\x00" in name:
+        return f"channel name must not contain NUL: {name!r}"
+    try:
+        n = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"channel name is not valid Unicode: {name!r}"
+    if n > MAX_NAME_BYTES:
+        return (
+            f"channel name is {n} bytes in UTF-8; PostgreSQL allows at most "
+            f"{MAX_NAME_BYTES} (it would silently truncate it): {name!r}"
+        )
+    return None
+
+
 def _check_channels(names: Sequence[str]) -> list[str]:
-    out = []
+    """``names``, or :class:`_UsageError` for the first unusable one."""
     for name in names:
-        try:
-            out.append(check_channel(name))
-        except (TypeError, ValueError) as e:
-            raise _UsageError(f"invalid channel name: {e}") from None
-    return out
+        problem = _channel_problem(name)
+        if problem is not None:
+            raise _UsageError(f"invalid channel name: {problem}")
+    return list(names)
+
+
+def _check_payload(payload: str, encoding: str = "utf-8") -> None:
+    """:class:`ValueError` unless PostgreSQL accepts ``payload`` in ``encoding``."""
+    if "\x00" in payload:
+        raise ValueError("payload must not contain NUL")
+    size = len(payload.encode(encoding))
+    if size > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"payload is {size} bytes; PostgreSQL allows at most "
+            f"{MAX_PAYLOAD_BYTES} bytes"
+        )
 
 
 @contextmanager
@@ -312,7 +346,7 @@ def _libpq_version() -> str:
 
 def _version_text() -> str:
     return (
-        f"{PROG} {__version__} (read path: {__impl__}; psycopg "
+        f"{PROG} {pgl.__version__} (read path: {pgl.__impl__}; psycopg "
         f"{psycopg.__version__} [{psycopg.pq.__impl__}]; libpq {_libpq_version()})"
     )
 
@@ -334,7 +368,7 @@ def _isatty(stream: TextIO) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def _json_line_maker() -> Callable[[Notification], str]:
+def _json_line_maker() -> Callable[[pgl.Notification], str]:
     """A fast encoder of one Notification as a JSON object line.
 
     Keys, in this order: channel, payload, pid, connection_reset, reason,
@@ -343,7 +377,7 @@ def _json_line_maker() -> Callable[[Notification], str]:
     """
     channels: dict[str, str] = {}
 
-    def line(n: Notification) -> str:
+    def line(n: pgl.Notification) -> str:
         ch = channels.get(n.channel)
         if ch is None:
             ch = channels[n.channel] = _json_str(n.channel)
@@ -372,7 +406,10 @@ def _cmd_listen(args: argparse.Namespace) -> int:
             dsn, buffer_size=args.buffer_size, overflow=args.overflow
         )
         try:
-            sub = listener.listen(*channels)
+            try:
+                sub = listener.listen(*channels)
+            except (TypeError, ValueError) as e:  # refused by the library
+                raise _UsageError(f"invalid channel name: {e}") from None
             logger.info(
                 "listening on %s (backend pid %s)",
                 ", ".join(channels), listener.backend_pid,
@@ -386,16 +423,16 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 
 def _listen_loop(
-    sub: Subscription,
+    sub: pgl.Subscription,
     out: TextIO,
-    line: Callable[[Notification], str],
+    line: Callable[[pgl.Notification], str],
     limit: int | None,
 ) -> int:
     seen = 0
     while True:
         try:
             batch = sub.get_batch(RECEIVE_BATCH, timeout=None)
-        except Closed as e:  # the listener stopped under us
+        except pgl.Closed as e:  # the listener stopped under us
             logger.warning("subscription ended: %s", e)
             return EXIT_OK
         if limit is not None:
@@ -467,12 +504,12 @@ def _cmd_notify(args: argparse.Namespace) -> int:
     with _sigterm_as_interrupt():
         if args.payload is not None:
             try:
-                check_payload(args.payload)
-            except (TypeError, ValueError) as e:
+                _check_payload(args.payload)
+            except ValueError as e:
                 raise _UsageError(f"invalid payload: {e}") from None
             with _connect(dsn, autocommit=True) as conn:
                 try:
-                    notify(conn, channel, args.payload)
+                    pgl.notify(conn, channel, args.payload)
                 except ValueError as e:  # not encodable in the client encoding
                     raise _UsageError(f"invalid payload: {e}") from None
                 except psycopg.Error as e:
@@ -499,7 +536,7 @@ def _notify_stdin(dsn: str, channel: str, batch_size: int) -> int:
                 for payload in batch:
                     lineno += 1
                     try:
-                        check_payload(payload, client_encoding)
+                        _check_payload(payload, client_encoding)
                     except ValueError as e:
                         raise _UsageError(
                             f"stdin line {lineno}: {e} ({sent:,} notifications "
@@ -507,7 +544,7 @@ def _notify_stdin(dsn: str, channel: str, batch_size: int) -> int:
                         ) from None
                 duplicates += len(batch) - len(set(batch))
                 # Autocommit: each batch is one statement, one transaction.
-                sent += notify_many(conn, channel, batch)
+                sent += pgl.notify_many(conn, channel, batch)
                 trips += 1
         except UnicodeDecodeError as e:
             raise _UsageError(
@@ -653,7 +690,7 @@ class _Tally:
         self.bad_payloads = 0
         self.extra = 0
 
-    def add(self, batch: list[Notification]) -> None:
+    def add(self, batch: list[pgl.Notification]) -> None:
         # Fast path: no marker, exactly the next consecutive indexes.
         try:
             values = list(map(int, [n.payload for n in batch]))
@@ -727,7 +764,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _start_embedded(out: TextIO) -> Any:
-    from .testing import ClusterError, TempCluster  # noqa: PLC0415 - only for demo
+    from pglisten_fast.testing import (  # noqa: PLC0415 - only for the demo
+        ClusterError,
+        TempCluster,
+    )
 
     print(
         f"No --dsn and no ${DSN_ENV_VAR}: starting an embedded throwaway "
@@ -769,7 +809,7 @@ def _run_demo(args: argparse.Namespace, dsn: str, where: str, out: TextIO) -> in
         sub = listener.listen(channel)
         try:
             first = sub.get(timeout=30)
-        except Empty:
+        except pgl.Empty:
             _error("LISTEN did not take effect within 30 s")
             return EXIT_FAILED
         tally = _Tally(count)
@@ -785,7 +825,7 @@ def _run_demo(args: argparse.Namespace, dsn: str, where: str, out: TextIO) -> in
             try:
                 for lo in range(0, count, step):
                     hi = min(count, lo + step)
-                    notify_many(
+                    pgl.notify_many(
                         conn, channel, (f"{i:0{digits}d}{pad}" for i in range(lo, hi))
                     )
                     queue_bar.update(hi)
@@ -899,9 +939,9 @@ def _demo_report(
         ("payload size", f"{args.payload_size} bytes"),
         ("buffer / overflow",
          f"{_human_size(args.buffer_size)} / {args.overflow}"),
-        ("read path", __impl__),
+        ("read path", pgl.__impl__),
         ("versions",
-         f"pglisten_fast {__version__}, psycopg {psycopg.__version__} "
+         f"pglisten_fast {pgl.__version__}, psycopg {psycopg.__version__} "
          f"({psycopg.pq.__impl__}), libpq {_libpq_version()}, "
          f"server {server_version}"),
     ]
