@@ -25,6 +25,8 @@ import pytest
 
 import pglisten_fast as pgl
 from pglisten_fast import cli
+from pglisten_fast.cli._common import parse_size
+from pglisten_fast.cli.listen import _json_line_maker
 from pglisten_fast.testing import ClusterError, find_pg_bindir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -527,7 +529,7 @@ def test_peer_comparison_is_pointed_to_not_run() -> None:
     "\udcff lone surrogate", "\x01\x1f control",
 ])
 def test_json_lines_are_valid_ascii_json(payload: str) -> None:
-    line = cli._json_line_maker()
+    line = _json_line_maker()
     for n in (pgl.Notification("ch \"x\"", payload, 42),
               pgl.Notification("c", "", 0, True, reason="overflow", dropped=7)):
         text = line(n)
@@ -548,4 +550,4 @@ def test_json_lines_are_valid_ascii_json(payload: str) -> None:
     ("16MiB", 16 << 20), ("1G", 1 << 30),
 ])
 def test_parse_size(text: str, size: int) -> None:
-    assert cli._parse_size(text) == size
+    assert parse_size(text) == size
