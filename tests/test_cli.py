@@ -26,6 +26,7 @@ import pytest
 import pglisten_fast as pgl
 from pglisten_fast import cli
 from pglisten_fast.cli._common import parse_size
+from pglisten_fast.cli._tally import Tally
 from pglisten_fast.cli.listen import _json_line_maker
 from pglisten_fast.testing import ClusterError, find_pg_bindir
 
@@ -551,3 +552,20 @@ def test_json_lines_are_valid_ascii_json(payload: str) -> None:
 ])
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
+
+
+def test_tally_accounts_for_gaps_with_overflow_markers() -> None:
+    def n(payload: str) -> pgl.Notification:
+        return pgl.Notification("ch", payload, 7)
+
+    tally = Tally(6)
+    tally.add([pgl.Notification("ch", "", 0, True, reason="listen"), n("0"), n("1")])
+    assert (tally.received, tally.complete) == (2, False)
+    tally.add([pgl.Notification("ch", "", 0, True, reason="overflow", dropped=2),
+               n("4"), n("5")])
+    assert (tally.received, tally.dropped, tally.complete) == (4, 2, True)
+    assert tally.markers == {"listen": 1, "overflow": 1}
+    assert tally.order_errors == []
+    tally.add([n("3"), n("6"), n("x")])
+    assert tally.order_errors == ["got #3 where #6 was due"]
+    assert (tally.extra, tally.bad_payloads) == (1, 1)
