@@ -1,8 +1,7 @@
 """Tests of the ``pglisten-fast`` command line.
 
 The commands run as subprocesses (``python -m pglisten_fast ...``) against
-the session's PostgreSQL server; a few pure helpers and the ``bench``
-pass-through are tested in-process.
+the session's PostgreSQL server; a few pure helpers are tested in-process.
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ import pytest
 
 import pglisten_fast as pgl
 from pglisten_fast import cli
+from pglisten_fast.cli._common import parse_size
+from pglisten_fast.cli._tally import Tally
+from pglisten_fast.cli.listen import _json_line_maker
 from pglisten_fast.testing import ClusterError, find_pg_bindir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -480,18 +482,17 @@ def test_usage_errors(args: list[str]) -> None:
     assert "Traceback" not in res.stderr
 
 
-# -- help, version, bench ------------------------------------------------------------
+# -- help, version ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [[], ["listen"], ["notify"], ["demo"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["listen"], ["notify"], ["demo"]])
 def test_help(command: list[str]) -> None:
     res = run_cli(*command, "--help")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"usage: pglisten-fast {' '.join(command)}".rstrip())
-    if command != ["bench"]:
-        assert "examples:" in res.stdout
-        assert "exit status:" in res.stdout
-        assert "64" in res.stdout
+    assert "examples:" in res.stdout
+    assert "exit status:" in res.stdout
+    assert "64" in res.stdout
 
 
 def test_version() -> None:
@@ -511,46 +512,14 @@ def test_console_script_entry_point() -> None:
     assert res.stdout.startswith("pglisten-fast ")
 
 
-@pytest.fixture
-def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run ``cli.main`` in-process without touching the logging configuration."""
-    monkeypatch.setattr(cli, "_setup_logging", lambda verbose: None)
-
-
-@pytest.mark.usefixtures("quiet_cli")
-def test_bench_without_the_script(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(cli, "_find_bench_script", lambda: None)
-    assert cli.main(["bench", "--quick"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pglisten-fast: error: benchmarks/compare.py not found")
-
-
-@pytest.mark.usefixtures("quiet_cli")
-def test_bench_passes_arguments_through(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    record = tmp_path / "argv.json"
-    script = tmp_path / "compare.py"
-    script.write_text(
-        "import json, sys\n"
-        f"json.dump([sys.executable, *sys.argv[1:]], open({str(record)!r}, 'w'))\n"
-        "sys.exit(3)\n"
-    )
-    monkeypatch.setattr(cli, "_find_bench_script", lambda: script)
-    assert cli.main(["-v", "bench", "--rounds", "2", "--quick"]) == 3
-    assert json.loads(record.read_text()) == [sys.executable, "--rounds", "2",
-                                              "--quick"]
-    assert cli.main(["bench", "--", "--help"]) == 3
-    assert json.loads(record.read_text())[1:] == ["--help"]
-
-
-def test_bench_finds_the_repository_script() -> None:
-    found = cli._find_bench_script()
-    if not (ROOT / "benchmarks" / "compare.py").exists():
-        pytest.skip("benchmarks/compare.py is not in this checkout")
-    assert found == ROOT / "benchmarks" / "compare.py"
+def test_peer_comparison_is_pointed_to_not_run() -> None:
+    # The benchmarks ship with the source repository, not with the package.
+    res = run_cli("--help")
+    assert "python benchmarks/compare.py" in res.stdout
+    res = run_cli("bench", "--quick")
+    assert res.returncode == cli.EXIT_USAGE
+    assert "usage: pglisten-fast" in res.stderr
+    assert "'bench'" in res.stderr
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -561,7 +530,7 @@ def test_bench_finds_the_repository_script() -> None:
     "\udcff lone surrogate", "\x01\x1f control",
 ])
 def test_json_lines_are_valid_ascii_json(payload: str) -> None:
-    line = cli._json_line_maker()
+    line = _json_line_maker()
     for n in (pgl.Notification("ch \"x\"", payload, 42),
               pgl.Notification("c", "", 0, True, reason="overflow", dropped=7)):
         text = line(n)
@@ -582,4 +551,21 @@ def test_json_lines_are_valid_ascii_json(payload: str) -> None:
     ("16MiB", 16 << 20), ("1G", 1 << 30),
 ])
 def test_parse_size(text: str, size: int) -> None:
-    assert cli._parse_size(text) == size
+    assert parse_size(text) == size
+
+
+def test_tally_accounts_for_gaps_with_overflow_markers() -> None:
+    def n(payload: str) -> pgl.Notification:
+        return pgl.Notification("ch", payload, 7)
+
+    tally = Tally(6)
+    tally.add([pgl.Notification("ch", "", 0, True, reason="listen"), n("0"), n("1")])
+    assert (tally.received, tally.complete) == (2, False)
+    tally.add([pgl.Notification("ch", "", 0, True, reason="overflow", dropped=2),
+               n("4"), n("5")])
+    assert (tally.received, tally.dropped, tally.complete) == (4, 2, True)
+    assert tally.markers == {"listen": 1, "overflow": 1}
+    assert tally.order_errors == []
+    tally.add([n("3"), n("6"), n("x")])
+    assert tally.order_errors == ["got #3 where #6 was due"]
+    assert (tally.extra, tally.bad_payloads) == (1, 1)
