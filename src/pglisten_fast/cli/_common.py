@@ -25,6 +25,9 @@ from typing import NoReturn, Protocol
 
 import psycopg
 
+from .._names import check_channel
+from .._names import check_payload as _check_payload
+
 PROG = "pglisten-fast"
 
 #: Environment variable holding the default DSN of every subcommand.
@@ -45,12 +48,6 @@ EXIT_INTERRUPTED = 130
 RECEIVE_BATCH = 65_536
 #: Default ring buffer size of the subscriptions (``--buffer-size``).
 DEFAULT_BUFFER_SIZE = 16 * 2**20
-
-#: PostgreSQL identifiers are at most 63 bytes (NAMEDATALEN - 1); the server
-#: would silently truncate a longer channel name.
-MAX_NAME_BYTES = 63
-#: A NOTIFY payload must be shorter than 8000 bytes (PostgreSQL's default).
-MAX_PAYLOAD_BYTES = 7999
 
 #: The CLI's own log lines (``-v``).
 logger = logging.getLogger("pglisten_fast.cli")
@@ -122,47 +119,23 @@ def libpq_version() -> str:
 # -- channel names and payloads ------------------------------------------------
 
 
-def _channel_problem(name: str) -> str | None:
-    """Why PostgreSQL cannot take ``name`` as a channel, or None if it can.
-
-    The library refuses the same names (``listen``, ``notify``); checking
-    here first reports them before any connection is attempted.
-    """
-    if not name:
-        return "channel name must not be empty"
-    if "\x00" in name:
-        return f"channel name must not contain NUL: {name!r}"
-    try:
-        n = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        return f"channel name is not valid Unicode: {name!r}"
-    if n > MAX_NAME_BYTES:
-        return (
-            f"channel name is {n} bytes in UTF-8; PostgreSQL allows at most "
-            f"{MAX_NAME_BYTES} (it would silently truncate it): {name!r}"
-        )
-    return None
-
-
 def check_channels(names: Sequence[str]) -> list[str]:
-    """``names``, or :class:`UsageError` for the first unusable one."""
+    """``names``, or :class:`UsageError` for the first unusable one.
+
+    The library's own check (``listen`` and ``notify`` apply it too), run
+    here first so that a bad name is reported before any connection.
+    """
     for name in names:
-        problem = _channel_problem(name)
-        if problem is not None:
-            raise UsageError(f"invalid channel name: {problem}")
+        try:
+            check_channel(name)
+        except (TypeError, ValueError) as e:
+            raise UsageError(f"invalid channel name: {e}") from None
     return list(names)
 
 
 def check_payload(payload: str, encoding: str = "utf-8") -> None:
     """:class:`ValueError` unless PostgreSQL accepts ``payload`` in ``encoding``."""
-    if "\x00" in payload:
-        raise ValueError("payload must not contain NUL")
-    size = len(payload.encode(encoding))
-    if size > MAX_PAYLOAD_BYTES:
-        raise ValueError(
-            f"payload is {size} bytes; PostgreSQL allows at most "
-            f"{MAX_PAYLOAD_BYTES} bytes"
-        )
+    _check_payload(payload, encoding)
 
 
 # -- signals -------------------------------------------------------------------

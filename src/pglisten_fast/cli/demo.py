@@ -30,12 +30,12 @@ import psycopg
 
 import pglisten_fast as pgl
 
+from .._names import MAX_PAYLOAD_BYTES
 from ._common import (
     DSN_ENV_VAR,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_OK,
-    MAX_PAYLOAD_BYTES,
     RECEIVE_BATCH,
     AddCommand,
     ConnectProblem,
