@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from ._readpath import IMPL as __impl__
 from ._records import Notification
+from ._state import ListenerStats
 from .errors import Closed, ConnectError, Empty, Error
-from .listener import Listener, ListenerStats, start_listener
+from .listener import Listener, start_listener
 from .publish import notify, notify_many
 from .subscription import Subscription, SubscriptionStats
 

@@ -28,7 +28,6 @@ import select
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -48,6 +47,7 @@ from ._queries import Query, QueryKind
 from ._readpath import ReadPath, open_read_path
 from ._ring import Ring, WakeFd
 from ._router import Router, RouterCounters, RunFlag
+from ._state import ListenerState
 from ._subs import Registry
 
 __all__ = ["Engine"]
@@ -61,10 +61,8 @@ _SECONDS_PER_STATEMENT = 1e-4
 class Engine:
     """State and loop of the selector thread (private to the Listener).
 
-    :param publish: pushes state to the Listener (keyword arguments of
-        ``Listener._publish``); called on the selector thread.
-    :param on_first_attempt: told the outcome of the first connection
-        attempt (None: success); returns False to stop instead of retrying.
+    :param state: where the selector thread publishes what API threads
+        read (connection state, counters, the first attempt's outcome).
     """
 
     def __init__(
@@ -75,15 +73,14 @@ class Engine:
         max_reconnect_delay: float,
         health_check_interval: float,
         health_check_timeout: float,
-        publish: Callable[..., None],
-        on_first_attempt: Callable[[BaseException | None], bool],
+        state: ListenerState,
     ) -> None:
         self._source = source
         self._backoff = Backoff(reconnect_delay, max_reconnect_delay)
         self._hc_interval = health_check_interval
         self._hc_timeout = health_check_timeout
-        self._publish = publish
-        self._on_first_attempt = on_first_attempt
+        self._state = state
+        self._publish = state.publish
         self._first_attempt_reported = False
 
         self.wake = WakeFd()
@@ -242,7 +239,7 @@ class Engine:
         if self._first_attempt_reported:
             return True
         self._first_attempt_reported = True
-        if self._on_first_attempt(err):
+        if self._state.first_attempt(err):
             return True
         self._stopping = True
         return False

@@ -14,13 +14,15 @@ import logging
 import math
 import threading
 import time
+import warnings
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import psycopg
 
+from . import _fork
 from ._commands import AddSub, RemoveSub, SubSpec
 from ._connect import connection_source, describe
 from ._engine import Engine
@@ -28,6 +30,7 @@ from ._handlers import start_handler
 from ._names import check_channel
 from ._records import Notification
 from ._ring import round_capacity
+from ._state import ListenerState, ListenerStats
 from .errors import Closed, ConnectError
 from .subscription import Overflow, Subscription
 
@@ -36,24 +39,6 @@ __all__ = ["Listener", "ListenerStats", "start_listener"]
 logger = logging.getLogger("pglisten_fast")
 
 _OVERFLOW_POLICIES = ("drop", "block")
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerStats:
-    """Snapshot of a listener's counters."""
-
-    #: Successful connections (the first one included).
-    connects: int
-    #: Connections re-established after a loss.
-    reconnects: int
-    #: Notifications read from the server.
-    received: int
-    #: Markers queued into subscriptions.
-    markers: int
-    #: Notifications dropped by full ``overflow="drop"`` subscriptions.
-    dropped: int
-    #: The last connection error, or None.
-    last_error: str | None
 
 
 def _positive(name: str, value: float, *, zero_ok: bool = False) -> float:
@@ -138,60 +123,27 @@ class Listener:
         self._overflow = _check_overflow(overflow)
 
         source = connection_source(conninfo, pool, connect, self._connect_timeout)
-        self._lock = threading.Lock()
-        self._state = "new"               # new -> running -> stopped
-        self._first = threading.Event()
-        self._first_error: BaseException | None = None
-        self._wait_first = False
-        self._thread: threading.Thread | None = None
-        self._handlers: list[threading.Thread] = []
-
-        self._connected = False
-        self._backend_pid: int | None = None
-        self._channels: frozenset[str] = frozenset()
-        self._connects = 0
-        self._reconnects = 0
-        self._last_error: str | None = None
-
+        self._created_in = _fork.generation()
+        self._life = _Life()
+        self._shared = ListenerState()
+        self._subs: weakref.WeakSet[Subscription] = weakref.WeakSet()
         self._engine = Engine(
             source=source,
             reconnect_delay=reconnect_delay,
             max_reconnect_delay=max_reconnect_delay,
             health_check_interval=hc_interval,
             health_check_timeout=hc_timeout,
-            publish=self._publish,
-            on_first_attempt=self._on_first_attempt,
+            state=self._shared,
         )
+        # Neither the selector thread nor the subscriptions refer back to
+        # this object: once the application drops it, this stops the thread.
+        self._finalizer = weakref.finalize(
+            self, _dropped, self._life, self._engine, self._created_in
+        )
+        self._finalizer.atexit = False
 
-    # -- engine callbacks (selector thread) -----------------------------------
-    def _publish(
-        self,
-        *,
-        connected: bool | None = None,
-        backend_pid: int | None = None,
-        channels: frozenset[str] | None = None,
-        last_error: str | None = None,
-        connect: bool = False,
-        reconnect: bool = False,
-    ) -> None:
-        with self._lock:
-            if connected is not None:
-                self._connected = connected
-                self._backend_pid = backend_pid if connected else None
-            if channels is not None:
-                self._channels = channels
-            if last_error is not None:
-                self._last_error = last_error
-            if connect:
-                self._connects += 1
-            if reconnect:
-                self._reconnects += 1
-
-    def _on_first_attempt(self, err: BaseException | None) -> bool:
-        """Outcome of the first attempt; False: stop (start(wait=True) raises)."""
-        self._first_error = err
-        self._first.set()
-        return err is None or not self._wait_first
+    def _check(self) -> None:
+        _fork.check(self._created_in, "Listener")
 
     # -- life cycle ----------------------------------------------------------
     def start(self, wait: bool = True) -> Listener:
@@ -203,20 +155,22 @@ class Listener:
             ``wait=False`` return at once and keep retrying in the background.
         :raises Closed: the listener was stopped.
         """
-        with self._lock:
-            if self._state == "stopped":
+        self._check()
+        life = self._life
+        with life.lock:
+            if life.phase == "stopped":
                 raise Closed("the listener is stopped")
-            if self._state == "running":
+            if life.phase == "running":
                 return self
-            self._state = "running"
-            self._wait_first = wait
-            self._thread = threading.Thread(
+            life.phase = "running"
+            self._shared.raise_first = wait
+            life.thread = threading.Thread(
                 target=self._engine.run, name="pglisten-fast-selector", daemon=True
             )
-            self._thread.start()
+            life.thread.start()
         if wait:
-            self._first.wait()
-            err = self._first_error
+            self._shared.first_done.wait()
+            err = self._shared.first_error
             if err is not None:
                 self.stop()
                 raise ConnectError(f"cannot connect to PostgreSQL: "
@@ -234,20 +188,22 @@ class Listener:
         :class:`Closed`.  A handler still running when the timeout ends
         goes on in its daemon thread until its items are handled.
         """
+        self._check()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            previous = self._state
-            self._state = "stopped"
-            handlers, self._handlers = self._handlers, []
+        life = self._life
+        with life.lock:
+            previous = life.phase
+            life.phase = "stopped"
+            handlers, life.handlers = life.handlers, []
         if previous != "stopped":
             self._engine.request_stop()
         me = threading.current_thread()
-        thread = self._thread
+        thread = life.thread
         if thread is not None and thread is not me:
             thread.join(_left(deadline))
         if previous == "new":
             self._engine.teardown()
-        self._first.set()
+        self._shared.first_done.set()
         for t in handlers:
             if t is not me:
                 t.join(_left(deadline))
@@ -264,11 +220,12 @@ class Listener:
         self.stop()
 
     def __repr__(self) -> str:
-        state = self._state
+        shared = self._shared
+        state = self._life.phase
         if state == "running":
-            state = f"connected pid={self._backend_pid}" if self._connected \
+            state = f"connected pid={shared.backend_pid}" if shared.connected \
                 else "disconnected"
-        return f"<Listener {state} channels={len(self._channels)}>"
+        return f"<Listener {state} channels={len(shared.channels)}>"
 
     # -- subscriptions -------------------------------------------------------
     def listen(
@@ -292,6 +249,7 @@ class Listener:
         :raises TypeError: a name is not a ``str``.
         :raises Closed: the listener was stopped.
         """
+        self._check()
         if not channels:
             raise ValueError("listen() needs at least one channel")
         names = tuple(dict.fromkeys(check_channel(c) for c in channels))
@@ -301,56 +259,90 @@ class Listener:
             raise TypeError("handler must be callable")
         ring = self._engine.make_ring(size)
         spec = SubSpec(names, ring, block=policy == "block")
+        life, engine = self._life, self._engine
         sub = Subscription(names, ring, policy,
-                           on_unlisten=lambda: self._unlisten(spec))
-        with self._lock:
-            if self._state == "stopped":
+                           on_unlisten=lambda: life.unlisten(engine, spec))
+        with life.lock:
+            if life.phase == "stopped":
                 raise Closed("the listener is stopped")
             self._engine.submit(AddSub(spec))
+            self._subs.add(sub)
             if handler is not None:
-                self._handlers = [t for t in self._handlers if t.is_alive()]
-                self._handlers.append(start_handler(sub, handler, names))
+                life.handlers = [t for t in life.handlers if t.is_alive()]
+                life.handlers.append(start_handler(sub, handler, names))
         return sub
-
-    def _unlisten(self, spec: SubSpec) -> None:
-        with self._lock:
-            if self._state != "stopped":
-                self._engine.submit(RemoveSub(spec))
 
     # -- state -----------------------------------------------------------------
     @property
     def connected(self) -> bool:
         """True while a connection is established and usable."""
-        return self._connected
+        self._check()
+        return self._shared.connected
 
     @property
     def backend_pid(self) -> int | None:
         """Process id of the listening backend, or None while disconnected."""
-        return self._backend_pid
+        self._check()
+        return self._shared.backend_pid
 
     @property
     def channels(self) -> frozenset[str]:
         """Channels LISTENed on the current connection (confirmed by the server)."""
-        return self._channels
+        self._check()
+        return self._shared.channels
 
     @property
     def running(self) -> bool:
         """True between ``start()`` and ``stop()``."""
-        return self._state == "running"
+        return self._life.phase == "running"
+
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        """The subscriptions of this listener that are still open."""
+        self._check()
+        return tuple(s for s in list(self._subs) if not s.closed)
 
     @property
     def stats(self) -> ListenerStats:
         """A :class:`ListenerStats` snapshot."""
-        counters = self._engine.counters()
-        with self._lock:
-            return ListenerStats(
-                connects=self._connects,
-                reconnects=self._reconnects,
-                received=counters.received,
-                markers=counters.markers,
-                dropped=counters.dropped,
-                last_error=self._last_error,
-            )
+        self._check()
+        received, dropped, markers = self._engine.counters()
+        return self._shared.stats(received, dropped, markers)
+
+
+class _Life:
+    """A listener's life cycle, shared with its finalizer and subscriptions."""
+
+    __slots__ = ("handlers", "lock", "phase", "thread")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.phase = "new"                # new -> running -> stopped
+        self.thread: threading.Thread | None = None
+        self.handlers: list[threading.Thread] = []
+
+    def unlisten(self, engine: Engine, spec: SubSpec) -> None:
+        """A subscription was closed by its consumer."""
+        with self.lock:
+            if self.phase != "stopped":
+                engine.submit(RemoveSub(spec))
+
+
+def _dropped(life: _Life, engine: Engine, created_in: int) -> None:
+    """Finalizer: the application dropped a listener it never stopped."""
+    if created_in != _fork.generation():
+        return  # a copy inherited by a forked child: the parent's business
+    with life.lock:
+        running = life.phase == "running"
+        life.phase = "stopped"
+    if running:
+        engine.request_stop()
+        warnings.warn(
+            "a pglisten_fast.Listener was dropped while running; it has been "
+            "stopped (call stop() or use it as a context manager)",
+            ResourceWarning,
+            stacklevel=2,
+        )
 
 
 def _left(deadline: float | None) -> float | None:

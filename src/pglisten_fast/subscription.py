@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
+from . import _fork
 from ._records import Notification
 from ._ring import Ring, Status
 from .errors import Closed, Empty, Error
@@ -55,6 +56,7 @@ class Subscription:
     __slots__ = (
         "__weakref__",
         "_channels",
+        "_created_in",
         "_lock",
         "_on_unlisten",
         "_overflow",
@@ -79,6 +81,7 @@ class Subscription:
         :param on_unlisten: tells the listener to stop routing here.
         """
         self._on_unlisten = on_unlisten
+        self._created_in = _fork.generation()
         self._channels = channels
         self._ring = ring
         self._overflow: Overflow = overflow
@@ -116,6 +119,7 @@ class Subscription:
     @property
     def stats(self) -> SubscriptionStats:
         """A :class:`SubscriptionStats` snapshot."""
+        _fork.check(self._created_in, "Subscription")
         _written, delivered, dropped, markers = self._ring.stats()
         pending = sum(1 for n in tuple(self._pending) if not n.connection_reset)
         return SubscriptionStats(
@@ -153,6 +157,7 @@ class Subscription:
 
         Returns ``[]`` on timeout; raises :class:`Closed` when closed and empty.
         """
+        _fork.check(self._created_in, "Subscription")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or >= 0")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -295,6 +300,7 @@ class Subscription:
     async def _get_many_async(
         self, max_items: int, timeout: float | None
     ) -> list[Notification]:
+        _fork.check(self._created_in, "Subscription")
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         ring = self._ring
@@ -379,6 +385,7 @@ class Subscription:
     # -- lifecycle ---------------------------------------------------------
     def unlisten(self) -> None:
         """Stop receiving; idempotent.  Buffered items can still be read."""
+        _fork.check(self._created_in, "Subscription")
         if self._ring.closed:
             return
         self._ring.close()
