@@ -106,3 +106,15 @@ def test_bad_input_is_refused(
         pgl.notify(conn, channel, payload)
     with pytest.raises(exc):
         pgl.notify_many(conn, channel, [payload])
+
+
+def test_publishing_creates_no_prepared_statements(
+    conn: psycopg.Connection[Any],
+) -> None:
+    # psycopg prepares a query once it ran 5 times; a prepared statement
+    # breaks behind a transaction pooler (the next call may land elsewhere).
+    for i in range(12):
+        pgl.notify(conn, "unprepared", str(i))
+        pgl.notify_many(conn, "unprepared", [f"{i}a", f"{i}b"])
+    row = conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+    assert row == (0,)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 __all__ = [
@@ -106,6 +108,13 @@ def connection_source(
     if "connect_timeout" not in params:
         # libpq takes whole seconds (and treats 1 as 2).
         extra["connect_timeout"] = max(2, math.ceil(timeout))
+    hosts = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST", "")
+    if "," in hosts and "target_session_attrs" not in params and \
+            "PGTARGETSESSIONATTRS" not in os.environ:
+        # Several hosts: LISTEN needs the primary (a standby refuses it), so
+        # let libpq skip standbys instead of failing on the first one.
+        extra["target_session_attrs"] = \
+            "primary" if pq.version() >= 140000 else "read-write"
     if not any(k in params for k in _KEEPALIVE_KEYS):
         # Let the kernel notice dead peers too; health checks do the rest.
         extra.update(keepalives=1, keepalives_idle=30, keepalives_interval=10,

@@ -24,7 +24,7 @@ import psycopg
 
 from . import _fork
 from ._commands import AddSub, RemoveSub, SubSpec
-from ._connect import connection_source, describe
+from ._connect import SessionLost, connection_source, describe
 from ._engine import Engine
 from ._handlers import start_handler
 from ._names import check_channel
@@ -173,8 +173,10 @@ class Listener:
             err = self._shared.first_error
             if err is not None:
                 self.stop()
+                # The driver's error (or None), never an internal class.
+                cause = err.__cause__ if isinstance(err, SessionLost) else err
                 raise ConnectError(f"cannot connect to PostgreSQL: "
-                                   f"{describe(err)}") from err
+                                   f"{describe(err)}") from cause
         return self
 
     def stop(self, timeout: float | None = None) -> None:

@@ -5,6 +5,11 @@ not in autocommit mode, nothing is sent to listeners until the caller
 commits.  PostgreSQL folds identical (channel, payload) pairs sent in one
 transaction into a single notification; make payloads unique (a sequence
 number, an id) when every one must arrive.
+
+Neither creates server-side prepared statements (psycopg prepares a query
+after a few executions by default), so both work through a transaction-mode
+connection pooler such as PgBouncer, where the next statement may run in
+another server session.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def notify(conn: psycopg.Connection[Any], channel: str, payload: str = "") -> No
     """
     check_channel(channel)
     check_payload(payload, _encoding(conn))
-    conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+    conn.execute("SELECT pg_notify(%s, %s)", (channel, payload), prepare=False)
 
 
 def notify_many(
@@ -61,6 +66,7 @@ def notify_many(
     cur = conn.execute(
         "SELECT count(pg_notify(%s, p)) FROM unnest(%s::text[]) AS p",
         (channel, items),
+        prepare=False,
     )
     row = cur.fetchone()
     return int(row[0]) if row else 0
