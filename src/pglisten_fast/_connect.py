@@ -108,7 +108,8 @@ def connection_source(
     if "connect_timeout" not in params:
         # libpq takes whole seconds (and treats 1 as 2).
         extra["connect_timeout"] = max(2, math.ceil(timeout))
-    hosts = params.get("host") or params.get("hostaddr") or os.environ.get("PGHOST", "")
+    hosts = str(params.get("host") or params.get("hostaddr")
+                or os.environ.get("PGHOST", ""))
     if "," in hosts and "target_session_attrs" not in params and \
             "PGTARGETSESSIONATTRS" not in os.environ:
         # Several hosts: LISTEN needs the primary (a standby refuses it), so

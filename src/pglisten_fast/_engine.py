@@ -43,6 +43,7 @@ from ._connect import (
     Source,
     describe,
 )
+from ._probe import DeliveryCheck
 from ._queries import Query, QueryKind
 from ._readpath import ReadPath, open_read_path
 from ._ring import Ring, WakeFd
@@ -63,6 +64,8 @@ class Engine:
 
     :param state: where the selector thread publishes what API threads
         read (connection state, counters, the first attempt's outcome).
+    :param delivery_probes: prove delivery with probes from a second
+        session: None behind a pooler only, True always, False never.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class Engine:
         health_check_interval: float,
         health_check_timeout: float,
         state: ListenerState,
+        delivery_probes: bool | None = None,
     ) -> None:
         self._source = source
         self._backoff = Backoff(reconnect_delay, max_reconnect_delay)
@@ -91,9 +95,13 @@ class Engine:
         self._book = ChannelBook()
         self._subs = Registry(self._router, self._book)
 
+        self._check = DeliveryCheck(source, self.wake, delivery_probes,
+                                    health_check_timeout)
+
         self._conn: psycopg.Connection[Any] | None = None
         self._reader: ReadPath | None = None
         self._ready = False                 # INIT query done
+        self._usable = False                # and delivery proven if needed
         self._query: Query | None = None
         self._attempt: ConnectAttempt | None = None
         self._next_connect = 0.0
@@ -147,6 +155,7 @@ class Engine:
         if self._attempt is not None:
             self._attempt.abandon()
             self._attempt = None
+        self._check.close()
         try:
             self._close_conn()
         finally:
@@ -182,7 +191,7 @@ class Engine:
             self._sync()
 
     def _add(self, spec: SubSpec) -> None:
-        self._subs.add(spec, lambda ch: self._ready and self._book.in_effect(ch))
+        self._subs.add(spec, lambda ch: self._usable and self._book.in_effect(ch))
 
     def _remove(self, spec: SubSpec) -> None:
         self._subs.remove(spec)
@@ -299,6 +308,9 @@ class Engine:
             timeout = self._hc_interval
         else:
             timeout = -1.0
+        if self._check.deadline is not None and not self._router.blocked:
+            left = max(0.0, self._check.deadline - time.monotonic())
+            timeout = left if timeout < 0 else min(timeout, left)
         self._handle(self._reader.run(timeout))
 
     def _handle(self, flags: RunFlag) -> None:
@@ -313,6 +325,8 @@ class Engine:
                 self._process_commands()
                 if self._stopping:
                     return
+                if self._check.pending:
+                    self._probe_arrived()
                 nxt |= self._flush_router()
             if flags & RunFlag.BLOCKED and not self._blocked_logged:
                 self._blocked_logged = True
@@ -348,14 +362,26 @@ class Engine:
     def _timeout(self) -> None:
         if self._router.blocked:
             return
+        now = time.monotonic()
+        if self._check.overdue(now) and not self._probe_arrived():
+            raise SessionLost(
+                "notifications committed by another session did not reach "
+                f"the listener within {self._check.timeout:g} s: the "
+                "connection goes through a pooler that does not keep the "
+                "session (e.g. PgBouncer pool_mode=transaction), where LISTEN "
+                "cannot work; connect directly or use session pooling")
         q = self._query
         if q is not None:
-            if q.deadline is not None and time.monotonic() >= q.deadline:
+            if q.deadline is not None and now >= q.deadline:
                 raise SessionLost(f"no answer to the {q.kind.value} within "
                                   f"{self._hc_timeout:g} s")
             return
         if self._hc_interval > 0:
             self._send(queries.PING_SQL, QueryKind.PING)
+            if self._check.active and not self._check.pending:
+                # Behind a pooler, a live connection is not enough: prove
+                # that notifications still reach this session.
+                self._check.send(now)
 
     def _collect(self) -> RunFlag:
         """Collect results of the outstanding query; returns read-path flags."""
@@ -403,19 +429,44 @@ class Engine:
         self._server_pid = pid
         self._ready = True
         client_pid = self._conn.pgconn.backend_pid
-        if client_pid != pid:
-            # The key data came from something other than the backend.
-            logger.warning(
-                "connected through a connection pooler (client-side pid %d, "
-                "server backend pid %d): LISTEN only works with session "
-                "pooling; a LISTEN moved to another session is detected and "
-                "reported", client_pid, pid)
+        # The key data came from something other than the backend: a pooler.
+        pooled = client_pid != pid
+        self._check.begin(pooled)
+        if self._check.active:
+            if pooled:
+                logger.info(
+                    "connected through a connection pooler (client-side pid "
+                    "%d, server backend pid %d); proving delivery before "
+                    "queueing markers", client_pid, pid)
+            if not self._check.registered:
+                self._check.registered = True
+                self._subs.add(self._check.spec, lambda ch: False)
+        else:
+            self._session_usable()
+        self._sync()
+
+    def _session_usable(self) -> None:
+        """The session is ready and, if it needed proving, proven."""
+        pid = self._server_pid
+        self._usable = True
         self._publish(connected=True, backend_pid=pid,
                       connect=True, reconnect=self._ever_connected)
         self._ever_connected = True
         logger.info("connected (backend pid %d)", pid)
         self._report_first(None)
-        self._sync()
+
+    def _probe_arrived(self) -> bool:
+        """Check for the pending probe; on the first proof of a connection,
+        queue the markers held back until now."""
+        if not self._check.arrived():
+            return False
+        if not self._check.proven:
+            self._check.proven = True
+            logger.info("delivery from other sessions proven (backend pid %s)",
+                        self._server_pid)
+            self._subs.listened(self._book.confirmed)
+            self._session_usable()
+        return True
 
     def _sync_done(self, pid: int) -> None:
         if pid != self._server_pid:
@@ -429,8 +480,16 @@ class Engine:
         batch = self._book.confirm()
         # Published before the markers are queued: a consumer that sees the
         # "listen" marker also sees the channel in listener.channels.
-        self._publish(channels=self._book.confirmed)
-        self._subs.listened(batch.listen)
+        # The private probe channel is not the user's business.
+        self._publish(channels=self._book.confirmed - set(self._check.spec.channels))
+        check = self._check
+        if check.proven:
+            self._subs.listened(batch.listen)
+        elif check.spec.channels[0] in batch.listen:
+            # Only the probe channel goes live before the proof: the others'
+            # markers wait until a probe from another session has arrived.
+            self._subs.listened(check.spec.channels)
+            check.send(time.monotonic())
         if batch.listen or batch.unlisten:
             logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
                          len(batch.listen), len(batch.unlisten))
@@ -485,7 +544,8 @@ class Engine:
             self._reader = None
         self._conn = None
         self._query = None
-        self._ready = False
+        self._ready = self._usable = False
+        self._check.begin(pooled=False)
         self._router.set_busy(False)
         self._router.deactivate_all()
         # A notification kept aside for a full "block" ring belongs to the
@@ -498,7 +558,7 @@ class Engine:
         reason = " ".join(reason.split())  # libpq's messages span lines
         was_connected = self._conn is not None
         lived = time.monotonic() - self._connected_at if was_connected else 0.0
-        ready = self._ready
+        ready = self._usable
         self._close_conn()
         self._publish(connected=False, channels=frozenset(), last_error=reason)
         if self._stopping:

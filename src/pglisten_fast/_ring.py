@@ -153,9 +153,10 @@ def _close_fds(rfd: int, wfd: int) -> None:
         os.close(wfd)
 
 
-def _free_ring(ptr: object, wake: WakeFd) -> None:
+def _free_ring(ptr: object, wake: WakeFd | None) -> None:
     lib.pglf_ring_free(ptr)
-    wake.close()
+    if wake is not None:
+        wake.close()
 
 
 class Ring:
@@ -165,22 +166,29 @@ class Ring:
         the library itself uses :func:`round_capacity`).
     :param producer_wfd: fd the consumer signals when a producer waiting for
         space (:meth:`producer_wait_arm`) may continue; -1 for none.
+    :param consumer_wake: the fd the producer signals when the consumer
+        sleeps; by default the ring makes (and closes) its own.
     """
 
     __slots__ = ("__weakref__", "_finalizer", "_out", "_ptr", "address", "wake")
 
-    def __init__(self, capacity: int, producer_wfd: int = -1) -> None:
+    def __init__(self, capacity: int, producer_wfd: int = -1,
+                 consumer_wake: WakeFd | None = None) -> None:
         if capacity <= 0 or capacity > MAX_CAPACITY:
             raise ValueError(f"ring capacity out of range: {capacity}")
-        self.wake = WakeFd()
+        own = consumer_wake is None
+        self.wake = WakeFd() if consumer_wake is None else consumer_wake
         ptr = lib.pglf_ring_new(capacity, self.wake.wfd, self.wake.rfd, producer_wfd)
         if ptr == ffi.NULL:
-            self.wake.close()
+            if own:
+                self.wake.close()
             raise MemoryError(f"cannot allocate a ring of {capacity} bytes")
         self._ptr = ptr
         self._out: object = None
         self.address: int = int(ffi.cast("uintptr_t", ptr))
-        self._finalizer = weakref.finalize(self, _free_ring, ptr, self.wake)
+        self._finalizer = weakref.finalize(
+            self, _free_ring, ptr, self.wake if own else None
+        )
 
     # -- any thread ----------------------------------------------------
     @property

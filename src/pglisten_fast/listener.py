@@ -78,6 +78,13 @@ class Listener:
         (which stalls every subscription of this listener and lets the
         backlog grow in the server's notification queue).
 
+    :param delivery_probes: prove that notifications committed by other
+        sessions reach the listener, with probes sent from a second session
+        (opened from the same source) once LISTEN is in effect and then on
+        every health check.  None (the default): only when the connection
+        goes through a pooler, where a transaction pooler would otherwise
+        lose every notification in silence; True: always; False: never.
+
     ``conninfo``, ``pool`` and ``connect`` are mutually exclusive.
     """
 
@@ -94,6 +101,7 @@ class Listener:
         health_check_timeout: float = 5.0,
         buffer_size: int = 16 * 2**20,
         overflow: Overflow = "drop",
+        delivery_probes: bool | None = None,
     ) -> None:
         if not isinstance(conninfo, str):
             raise TypeError(f"conninfo must be a str, got {type(conninfo).__name__}")
@@ -119,6 +127,8 @@ class Listener:
         hc_interval = _positive("health_check_interval", health_check_interval,
                                 zero_ok=True)
         hc_timeout = _positive("health_check_timeout", health_check_timeout)
+        if delivery_probes not in (None, True, False):
+            raise TypeError("delivery_probes must be None, True or False")
         self._buffer_size = round_capacity(buffer_size)
         self._overflow = _check_overflow(overflow)
 
@@ -134,6 +144,7 @@ class Listener:
             health_check_interval=hc_interval,
             health_check_timeout=hc_timeout,
             state=self._shared,
+            delivery_probes=delivery_probes,
         )
         # Neither the selector thread nor the subscriptions refer back to
         # this object: once the application drops it, this stops the thread.
