@@ -8,6 +8,7 @@
 #define _GNU_SOURCE 1   /* dladdr */
 #endif
 #include "pglf_router.h"
+#include "pglf_platform.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -15,7 +16,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define ST_ACTIVE 1      /* notifications are routed to this channel */
 #define ST_ANNOUNCED 2   /* its "listen" marker was owed or written */
@@ -73,13 +73,6 @@ struct pglf_router {
     /* written by the selector thread, read by any (statistics) */
     _Atomic uint64_t received, dropped, markers;
 };
-
-/* Single-writer counter bump: a relaxed load and store, no locked RMW. */
-#define BUMP(field, n)                                                       \
-    atomic_store_explicit(&(field),                                          \
-                          atomic_load_explicit(&(field), memory_order_relaxed) \
-                              + (n),                                         \
-                          memory_order_relaxed)
 
 static uint64_t hash_name(const char *s, size_t len)
 {
@@ -364,7 +357,7 @@ static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
             if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, s->owed_reason[i], i,
                                 0, NULL, 0, 0) != PGLF_OK)
                 goto full;
-            BUMP(r->markers, 1);
+            PGLF_BUMP(r->markers, 1);
             s->owed_reason[i] = 0;
             mark_dirty(r, s);
             settle(r, s, i);
@@ -374,7 +367,7 @@ static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
             if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW,
                                 i, 0, &n, sizeof(n), 0) != PGLF_OK)
                 goto full;
-            BUMP(r->markers, 1);
+            PGLF_BUMP(r->markers, 1);
             s->owed_dropped[i] = 0;
             mark_dirty(r, s);
             settle(r, s, i);
@@ -403,7 +396,7 @@ int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
         uint64_t n = s->owed_dropped[idx];
         if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW, idx,
                             0, &n, sizeof(n), 0) == PGLF_OK) {
-            BUMP(r->markers, 1);
+            PGLF_BUMP(r->markers, 1);
             s->owed_dropped[idx] = 0;
             mark_dirty(r, s);
             settle(r, s, idx);
@@ -490,7 +483,7 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
      * ring that cannot take it even with space free. */
     owe(r, s, idx);
     s->owed_dropped[idx]++;
-    BUMP(r->dropped, 1);
+    PGLF_BUMP(r->dropped, 1);
     pglf_ring_count_dropped(s->ring, 1);
     /* Ask the consumer to wake the selector once the markers can be paid;
      * if that much space freed meanwhile, pay now (no wake-up would come). */
@@ -545,14 +538,14 @@ int pglf_route(pglf_router *r, const char *channel, size_t chan_len, int32_t pid
 {
     if (r->stashed)
         return PGLF_BLOCKED;
-    BUMP(r->received, 1);
+    PGLF_BUMP(r->received, 1);
     uint64_t seq = ++r->seq;
     if (route_seq(r, channel, chan_len, pid, payload, payload_len, seq) ==
         PGLF_OK)
         return PGLF_OK;
     if (stash(r, channel, chan_len, pid, payload, payload_len) != PGLF_OK) {
         /* Out of memory: nothing can hold it.  Count it as dropped. */
-        BUMP(r->dropped, 1);
+        PGLF_BUMP(r->dropped, 1);
         return PGLF_OK;
     }
     return PGLF_BLOCKED;
@@ -671,13 +664,6 @@ int pglf_pump(pglf_router *r, PGconn *conn)
     return flags;
 }
 
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
 {
     int sock = PQsocket(conn);
@@ -686,7 +672,7 @@ int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
     /* A long burst is read on in pglf_pump until this fd (commands, stop,
      * consumers that freed space) asks for attention. */
     r->wake_fd = wake_fd;
-    int64_t deadline = timeout_ms >= 0 ? mono_ms() + timeout_ms : -1;
+    int64_t deadline = timeout_ms >= 0 ? pglf_mono_ms() + timeout_ms : -1;
     for (;;) {
         /* Queries are sent in non-blocking mode: push what is left of them
          * while reading, so neither side can block the other on a full
@@ -703,7 +689,7 @@ int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
         };
         int left = -1;
         if (deadline >= 0) {
-            int64_t d = deadline - mono_ms();
+            int64_t d = deadline - pglf_mono_ms();
             left = d > 0 ? (int)(d < 0x7fffffff ? d : 0x7fffffff) : 0;
         }
         int rc = poll(p, 2, left);
@@ -717,7 +703,7 @@ int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
         if (p[1].revents & ~POLLOUT) {
             flags |= pglf_pump(r, conn);
             if (deadline >= 0)
-                deadline = mono_ms() + timeout_ms;
+                deadline = pglf_mono_ms() + timeout_ms;
         }
         if (flags)
             return flags;
