@@ -58,7 +58,10 @@ ffibuilder.cdef((HERE / "pglf.cdef").read_text())
 ffibuilder.set_source(
     "pglisten_fast._pglf",
     '#include "pglf_ring.h"\n#include "pglf_router.h"\n',
-    sources=[os.path.relpath(HERE / f) for f in ("pglf_ring.c", "pglf_router.c")],
+    sources=[
+        os.path.relpath(HERE / f)
+        for f in ("pglf_ring.c", "pglf_chanmap.c", "pglf_router.c")
+    ],
     include_dirs=[str(HERE), *includes],
     library_dirs=libdirs,
     libraries=["pq"],

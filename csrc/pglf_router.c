@@ -1,5 +1,6 @@
 /*
- * pglf_router.c - channel routing, owed markers, and the libpq read loop.
+ * pglf_router.c - subscriptions, owed markers, routing over the channel
+ * map (pglf_chanmap.c), and the libpq read loop.
  *
  * Single-threaded by contract: every function runs on the selector thread,
  * which is the only producer of every ring it writes.  See pglf_router.h.
@@ -8,6 +9,7 @@
 #define _GNU_SOURCE 1   /* dladdr */
 #endif
 #include "pglf_router.h"
+#include "pglf_chanmap.h"
 #include "pglf_platform.h"
 
 #include <dlfcn.h>
@@ -23,21 +25,6 @@
 /* Bytes of an owed pair of markers (overflow + reason), used for waits. */
 #define MARKER_PAIR ((size_t)(2 * pglf_rec_size(8)))
 
-typedef struct target {
-    pglf_sub *sub;
-    uint32_t idx;
-    uint64_t last_seq;   /* sequence number of the last notification served */
-} target;
-
-typedef struct entry {
-    struct entry *next;
-    uint64_t hash;
-    size_t len;
-    target *targets;
-    size_t ntargets, cap;
-    char name[];         /* len bytes + NUL */
-} entry;
-
 struct pglf_sub {
     pglf_ring *ring;
     uint32_t n;
@@ -46,15 +33,14 @@ struct pglf_sub {
     uint8_t *state;          /* ST_* per channel */
     uint8_t *owed_reason;    /* PGLF_REASON_LISTEN/RECONNECT owed, or 0 */
     uint64_t *owed_dropped;  /* notifications dropped since the last marker */
-    entry **entries;         /* routing entry of each attached channel */
+    pglf_chanmap_entry **entries;   /* routing entry of each attached channel */
     uint32_t owing;          /* channels with something owed */
     int dirty;               /* written since the last wake-up */
     pglf_sub *prev, *next;
 };
 
 struct pglf_router {
-    entry **buckets;
-    size_t nbuckets, nentries;
+    pglf_chanmap map;        /* channel name -> targets */
     pglf_sub *subs;
     pglf_sub **dirty;
     size_t ndirty, capdirty;
@@ -74,25 +60,13 @@ struct pglf_router {
     _Atomic uint64_t received, dropped, markers;
 };
 
-static uint64_t hash_name(const char *s, size_t len)
-{
-    uint64_t h = 1469598103934665603ULL;     /* FNV-1a */
-    for (size_t i = 0; i < len; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
 pglf_router *pglf_router_new(void)
 {
     pglf_router *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return NULL;
     r->wake_fd = -1;
-    r->nbuckets = 64;
-    r->buckets = calloc(r->nbuckets, sizeof(entry *));
-    if (r->buckets == NULL) {
+    if (pglf_chanmap_init(&r->map) != PGLF_OK) {
         free(r);
         return NULL;
     }
@@ -112,68 +86,16 @@ void pglf_router_free(pglf_router *r)
 {
     if (r == NULL)
         return;
-    for (size_t b = 0; b < r->nbuckets; b++) {
-        entry *e = r->buckets[b];
-        while (e) {
-            entry *next = e->next;
-            free(e->targets);
-            free(e);
-            e = next;
-        }
-    }
+    pglf_chanmap_destroy(&r->map);
     pglf_sub *s = r->subs;
     while (s) {
         pglf_sub *next = s->next;
         sub_release(s);
         s = next;
     }
-    free(r->buckets);
     free(r->dirty);
     free(r->stash_buf);
     free(r);
-}
-
-/* ------------------------------------------------------------------ */
-/* channel map                                                          */
-
-static entry *lookup(pglf_router *r, const char *name, size_t len, uint64_t h)
-{
-    for (entry *e = r->buckets[h & (r->nbuckets - 1)]; e; e = e->next)
-        if (e->hash == h && e->len == len && memcmp(e->name, name, len) == 0)
-            return e;
-    return NULL;
-}
-
-static int grow_buckets(pglf_router *r)
-{
-    size_t nb = r->nbuckets * 2;
-    entry **b = calloc(nb, sizeof(entry *));
-    if (b == NULL)
-        return PGLF_ENOMEM;
-    for (size_t i = 0; i < r->nbuckets; i++) {
-        entry *e = r->buckets[i];
-        while (e) {
-            entry *next = e->next;
-            e->next = b[e->hash & (nb - 1)];
-            b[e->hash & (nb - 1)] = e;
-            e = next;
-        }
-    }
-    free(r->buckets);
-    r->buckets = b;
-    r->nbuckets = nb;
-    return PGLF_OK;
-}
-
-static void unlink_entry(pglf_router *r, entry *dead)
-{
-    entry **pp = &r->buckets[dead->hash & (r->nbuckets - 1)];
-    while (*pp != dead)
-        pp = &(*pp)->next;
-    *pp = dead->next;
-    r->nentries--;
-    free(dead->targets);
-    free(dead);
 }
 
 /* ------------------------------------------------------------------ */
@@ -194,7 +116,7 @@ pglf_sub *pglf_sub_new(pglf_router *r, pglf_ring *ring, uint32_t nchannels,
     s->state = calloc(nchannels, 1);
     s->owed_reason = calloc(nchannels, 1);
     s->owed_dropped = calloc(nchannels, sizeof(uint64_t));
-    s->entries = calloc(nchannels, sizeof(entry *));
+    s->entries = calloc(nchannels, sizeof(pglf_chanmap_entry *));
     if (!s->state || !s->owed_reason || !s->owed_dropped || !s->entries) {
         sub_release(s);
         return NULL;
@@ -211,57 +133,16 @@ int pglf_sub_attach(pglf_router *r, pglf_sub *s, uint32_t idx, const char *name,
 {
     if (idx >= s->n || s->entries[idx] != NULL)
         return PGLF_EINVAL;
-    uint64_t h = hash_name(name, len);
-    entry *e = lookup(r, name, len, h);
-    if (e == NULL) {
-        if (r->nentries + 1 > r->nbuckets && grow_buckets(r) != PGLF_OK)
-            return PGLF_ENOMEM;
-        e = calloc(1, sizeof(*e) + len + 1);
-        if (e == NULL)
-            return PGLF_ENOMEM;
-        e->hash = h;
-        e->len = len;
-        memcpy(e->name, name, len);
-        e->next = r->buckets[h & (r->nbuckets - 1)];
-        r->buckets[h & (r->nbuckets - 1)] = e;
-        r->nentries++;
-    }
-    if (e->ntargets == e->cap) {
-        size_t cap = e->cap ? e->cap * 2 : 2;
-        target *t = realloc(e->targets, cap * sizeof(target));
-        if (t == NULL) {
-            if (e->ntargets == 0)
-                unlink_entry(r, e);
-            return PGLF_ENOMEM;
-        }
-        e->targets = t;
-        e->cap = cap;
-    }
-    e->targets[e->ntargets++] = (target){.sub = s, .idx = idx, .last_seq = 0};
-    s->entries[idx] = e;
-    return PGLF_OK;
+    return pglf_chanmap_attach(&r->map, name, len, s, idx, &s->entries[idx]);
 }
 
 void pglf_sub_free(pglf_router *r, pglf_sub *s)
 {
     if (s == NULL)
         return;
-    for (uint32_t i = 0; i < s->n; i++) {
-        entry *e = s->entries[i];
-        if (e == NULL)
-            continue;
-        for (size_t k = 0; k < e->ntargets; k++) {
-            if (e->targets[k].sub == s && e->targets[k].idx == i) {
-                /* Keep the order of the other targets (fan-out order). */
-                memmove(&e->targets[k], &e->targets[k + 1],
-                        (e->ntargets - k - 1) * sizeof(target));
-                e->ntargets--;
-                break;
-            }
-        }
-        if (e->ntargets == 0)
-            unlink_entry(r, e);
-    }
+    for (uint32_t i = 0; i < s->n; i++)
+        if (s->entries[i] != NULL)
+            pglf_chanmap_detach(&r->map, s->entries[i], s, i);
     if (s->dirty) {
         pglf_ring_wake_consumer(s->ring);
         for (size_t k = 0; k < r->ndirty; k++)
@@ -497,11 +378,11 @@ static int route_seq(pglf_router *r, const char *channel, size_t chan_len,
                      int32_t pid, const char *payload, size_t payload_len,
                      uint64_t seq)
 {
-    entry *e = lookup(r, channel, chan_len, hash_name(channel, chan_len));
+    pglf_chanmap_entry *e = pglf_chanmap_lookup(&r->map, channel, chan_len);
     if (e == NULL)
         return PGLF_OK;
     for (size_t k = 0; k < e->ntargets; k++) {
-        target *t = &e->targets[k];
+        pglf_target *t = &e->targets[k];
         if (t->last_seq == seq || !(t->sub->state[t->idx] & ST_ACTIVE))
             continue;
         if (deliver(r, t->sub, t->idx, pid, payload, payload_len) == PGLF_BLOCKED)

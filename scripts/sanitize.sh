@@ -128,7 +128,7 @@ if [ -z "$PG_INC" ] || [ ! -f "$PG_INC/libpq-fe.h" ]; then
     exit 1
 fi
 "$CC" "${COMMON[@]}" "${ASAN[@]}" -DPGLF_WITH_LIBPQ -I "$PG_INC" \
-    csrc/tests/router_smoke.c csrc/pglf_router.c csrc/pglf_ring.c \
+    csrc/tests/router_smoke.c csrc/pglf_router.c csrc/pglf_chanmap.c csrc/pglf_ring.c \
     ${PG_LIB:+-L "$PG_LIB"} -lpq -o "$BUILD/router_smoke_asan"
 step 3 "router_smoke, ASan+UBSan" "$BUILD/router.log" "$BUILD/router_smoke_asan"
 sed -n 's/^router_smoke: \([a-z-]* *ok\)/      \1/p' "$BUILD/router.log" | grep -v "^      ok$" || true

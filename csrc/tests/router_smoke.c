@@ -16,7 +16,8 @@
  *
  * Build: gcc -std=c11 -D_GNU_SOURCE -DPGLF_WITH_LIBPQ -I csrc \
  *            -I "$(pg_config --includedir)" csrc/tests/router_smoke.c \
- *            csrc/pglf_router.c csrc/pglf_ring.c -lpq -o router_smoke
+ *            csrc/pglf_router.c csrc/pglf_chanmap.c csrc/pglf_ring.c -lpq \
+ *            -o router_smoke
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
