@@ -57,15 +57,17 @@ ffibuilder = FFI()
 ffibuilder.cdef((HERE / "pglf.cdef").read_text())
 ffibuilder.set_source(
     "pglisten_fast._pglf",
-    '#include "pglf_ring.h"\n#include "pglf_router.h"\n',
+    # libpq-fe.h: PQlibVersion is declared in the cdef and called from Python.
+    '#include <libpq-fe.h>\n'
+    '#include "pglf_ring.h"\n#include "pglf_router.h"\n#include "pglf_readloop.h"\n',
     sources=[
         os.path.relpath(HERE / f)
-        for f in ("pglf_ring.c", "pglf_chanmap.c", "pglf_router.c")
+        for f in ("pglf_ring.c", "pglf_chanmap.c", "pglf_router.c", "pglf_readloop.c")
     ],
     include_dirs=[str(HERE), *includes],
     library_dirs=libdirs,
     libraries=["pq"],
-    define_macros=[("PGLF_WITH_LIBPQ", "1"), ("_GNU_SOURCE", "1")],
+    define_macros=[("_GNU_SOURCE", "1")],
     extra_compile_args=CFLAGS,
 )
 

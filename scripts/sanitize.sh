@@ -3,7 +3,7 @@
 #
 #   1. csrc/tests/ring_stress.c (two-thread ring stress) with ThreadSanitizer
 #   2. csrc/tests/ring_stress.c with AddressSanitizer + UndefinedBehaviorSanitizer
-#   3. csrc/tests/router_smoke.c (router + rings, linked with libpq) with
+#   3. csrc/tests/router_smoke.c (router, channel map and rings; no libpq) with
 #      AddressSanitizer + UndefinedBehaviorSanitizer
 #
 # Usage (from anywhere): scripts/sanitize.sh [RECORDS]
@@ -127,9 +127,9 @@ if [ -z "$PG_INC" ] || [ ! -f "$PG_INC/libpq-fe.h" ]; then
     echo "sanitize.sh: libpq-fe.h not found (apt-get install libpq-dev)" >&2
     exit 1
 fi
-"$CC" "${COMMON[@]}" "${ASAN[@]}" -DPGLF_WITH_LIBPQ -I "$PG_INC" \
+"$CC" "${COMMON[@]}" "${ASAN[@]}" \
     csrc/tests/router_smoke.c csrc/pglf_router.c csrc/pglf_chanmap.c csrc/pglf_ring.c \
-    ${PG_LIB:+-L "$PG_LIB"} -lpq -o "$BUILD/router_smoke_asan"
+    -o "$BUILD/router_smoke_asan"
 step 3 "router_smoke, ASan+UBSan" "$BUILD/router.log" "$BUILD/router_smoke_asan"
 sed -n 's/^router_smoke: \([a-z-]* *ok\)/      \1/p' "$BUILD/router.log" | grep -v "^      ok$" || true
 
