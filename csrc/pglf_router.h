@@ -33,6 +33,22 @@
 
 #define PGLF_BLOCKED 9      /* a "block" ring is full; see pglf_router_flush */
 
+/*
+ * pglf_sub_state() results.  A channel of a subscription is "announced"
+ * from its first activation on (its "listen" marker owed or written) and
+ * "active" while notifications are routed to it.  Activation sets both;
+ * pglf_router_deactivate_all() (connection lost) clears only "active".
+ * The result is the number of the two that hold:
+ *   0                   never activated: no marker yet, nothing routed;
+ *   PGLF_SUB_ACTIVE     one of them.  Since activation sets both, this is
+ *                       in practice "announced, but inactive since the
+ *                       connection was lost": it needs a "reconnect"
+ *                       activation;
+ *   PGLF_SUB_ANNOUNCED  active and announced: routed, nothing to redo.
+ */
+#define PGLF_SUB_ACTIVE 1
+#define PGLF_SUB_ANNOUNCED 2
+
 typedef struct pglf_router pglf_router;
 typedef struct pglf_sub pglf_sub;
 
@@ -61,7 +77,7 @@ void pglf_sub_free(pglf_router *r, pglf_sub *s);
  * still owed.
  */
 int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason);
-/* 1 if the channel is active, 2 if it also received its "listen" marker. */
+/* 0, PGLF_SUB_ACTIVE or PGLF_SUB_ANNOUNCED (see above); 0 for a bad idx. */
 int pglf_sub_state(const pglf_sub *s, uint32_t idx);
 /* Deactivate every channel of every subscription (connection lost). */
 void pglf_router_deactivate_all(pglf_router *r);
