@@ -73,6 +73,8 @@ _Static_assert(offsetof(struct pglf_ring, cached_tail) -
                        offsetof(struct pglf_ring, head) >= PGLF_LINE,
                "consumer fields share a line");
 _Static_assert(sizeof(pglf_rec) == PGLF_REC_HDR, "record header size");
+_Static_assert(PGLF_RING_LAYOUT_VERSION < 128 && PGLF_RING_ABI <= 0x7fffffffu,
+               "PGLF_RING_ABI must fit in 31 bits");
 
 #define RELAXED memory_order_relaxed
 #define ACQUIRE memory_order_acquire
@@ -86,6 +88,8 @@ static uint64_t round_pow2(uint64_t v)
         p <<= 1;
     return p;
 }
+
+uint32_t pglf_ring_abi(void) { return PGLF_RING_ABI; }
 
 pglf_ring *pglf_ring_new(size_t capacity, int consumer_wfd, int consumer_rfd,
                          int producer_wfd)
