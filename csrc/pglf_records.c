@@ -399,9 +399,12 @@ static PyMethodDef records_methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef records_module = {
-    PyModuleDef_HEAD_INIT, "pglisten_fast._records",
-    "Notification type and batch drain of subscription rings.", -1,
-    records_methods};
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pglisten_fast._records",
+    .m_doc = "Notification type and batch drain of subscription rings.",
+    .m_size = -1,
+    .m_methods = records_methods,
+};
 
 PyMODINIT_FUNC PyInit__records(void)
 {
