@@ -9,7 +9,7 @@ settings live.
 
 ``setup.py`` and ``build_ffi.py`` put this directory on ``sys.path`` and
 ``import build_settings``.  Run as a script, it prints settings for shell
-scripts (``scripts/sanitize.sh``)::
+scripts (``scripts/sanitize.sh``), one per line::
 
     python3 csrc/build_settings.py cflags        # flags and -D macros
     python3 csrc/build_settings.py sources _pglf  # sources of one module
@@ -83,10 +83,10 @@ def include_dirs() -> list[str]:
 def _main(argv: list[str]) -> int:
     if argv == ["cflags"]:
         macros = [f"-D{name}={value}" for name, value in DEFINE_MACROS]
-        print(shlex.join([*cflags(), *macros]))
+        print(*cflags(), *macros, sep="\n")
         return 0
     if len(argv) == 2 and argv[0] == "sources" and argv[1] in SOURCES:
-        print(shlex.join(sources(argv[1])))
+        print(*sources(argv[1]), sep="\n")
         return 0
     print(
         f"usage: {sys.argv[0]} cflags | sources {{{','.join(SOURCES)}}}",
