@@ -1,21 +1,26 @@
-"""Build hooks only: metadata lives in pyproject.toml."""
+"""Build hooks only: metadata lives in pyproject.toml.
 
-import os
+Compiler flags, macros and source lists of both extension modules come from
+csrc/build_settings.py (the cffi module is described in csrc/build_ffi.py).
+"""
+
+import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 
-CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"]
-CFLAGS += os.environ.get("PGLF_EXTRA_CFLAGS", "").split()
+sys.path.insert(0, str(Path(__file__).resolve().parent / "csrc"))
+import build_settings
 
 setup(
     cffi_modules=["csrc/build_ffi.py:ffibuilder"],
     ext_modules=[
         Extension(
             "pglisten_fast._records",
-            sources=["csrc/pglf_records.c", "csrc/pglf_ring.c"],
-            include_dirs=["csrc"],
-            define_macros=[("_GNU_SOURCE", "1")],
-            extra_compile_args=CFLAGS,
+            sources=build_settings.sources("_records"),
+            include_dirs=build_settings.include_dirs(),
+            define_macros=build_settings.DEFINE_MACROS,
+            extra_compile_args=build_settings.cflags(),
         )
     ],
 )

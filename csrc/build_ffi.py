@@ -2,7 +2,9 @@
 
 Used by ``setup.py`` through ``cffi_modules``; run directly
 (``python csrc/build_ffi.py``) to compile in place for development.  The
-declarations cffi sees live in ``pglf.cdef``; the C code in ``pglf_*.c``.
+declarations cffi sees live in ``pglf.cdef``; the C code in ``pglf_*.c``;
+flags, macros and the source list in ``build_settings.py`` (shared with the
+``_records`` module built by ``setup.py``).
 """
 
 from __future__ import annotations
@@ -10,11 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+# cffi runs this file by path (setup.py's cffi_modules), not as a package
+# module: make its neighbour importable however it is started.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import build_settings  # noqa: E402
 
 
 def _pg_config(what: str) -> str | None:
@@ -48,22 +56,22 @@ def libpq_dirs() -> tuple[list[str], list[str]]:
     return includes, libs
 
 
-CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-fvisibility=hidden"]
-CFLAGS += os.environ.get("PGLF_EXTRA_CFLAGS", "").split()
-
 includes, libdirs = libpq_dirs()
 
 ffibuilder = FFI()
 ffibuilder.cdef((HERE / "pglf.cdef").read_text())
 ffibuilder.set_source(
     "pglisten_fast._pglf",
-    '#include "pglf_ring.h"\n#include "pglf_router.h"\n',
-    sources=[os.path.relpath(HERE / f) for f in ("pglf_ring.c", "pglf_router.c")],
-    include_dirs=[str(HERE), *includes],
+    # libpq-fe.h: PQlibVersion is declared in the cdef and called from Python.
+    "#include <libpq-fe.h>\n"
+    '#include "pglf_ring.h"\n#include "pglf_router.h"\n#include "pglf_readloop.h"\n',
+    # Run directly, FFI.compile() works in its tmpdir: absolute paths then.
+    sources=build_settings.sources("_pglf", absolute=__name__ == "__main__"),
+    include_dirs=[*build_settings.include_dirs(), *includes],
     library_dirs=libdirs,
     libraries=["pq"],
-    define_macros=[("PGLF_WITH_LIBPQ", "1"), ("_GNU_SOURCE", "1")],
-    extra_compile_args=CFLAGS,
+    define_macros=build_settings.DEFINE_MACROS,
+    extra_compile_args=build_settings.cflags(),
 )
 
 if __name__ == "__main__":

@@ -5,8 +5,10 @@
  *
  * Built as the CPython extension `pglisten_fast._records` next to the cffi
  * module `pglisten_fast._pglf`.  Both compile pglf_ring.c; a ring created
- * by one is read by the other through its address, which is sound because
- * the two copies come from the same source and layout.
+ * by one is read by the other through its address, which is sound only if
+ * the two copies agree on the ring's layout: the module constant RING_ABI
+ * (PGLF_RING_ABI, see pglf_ring.h) is there to be compared at import with
+ * the cffi module's pglf_ring_abi().
  *
  * Thread role: drain() is the ring's consumer; the Python caller holds the
  * subscription's consumer lock, so at most one thread runs it per ring.
@@ -397,9 +399,12 @@ static PyMethodDef records_methods[] = {
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef records_module = {
-    PyModuleDef_HEAD_INIT, "pglisten_fast._records",
-    "Notification type and batch drain of subscription rings.", -1,
-    records_methods};
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pglisten_fast._records",
+    .m_doc = "Notification type and batch drain of subscription rings.",
+    .m_size = -1,
+    .m_methods = records_methods,
+};
 
 PyMODINIT_FUNC PyInit__records(void)
 {
@@ -437,6 +442,11 @@ PyMODINIT_FUNC PyInit__records(void)
     Py_INCREF(&NotificationType);
     if (PyModule_AddObject(m, "Notification", (PyObject *)&NotificationType) < 0) {
         Py_DECREF(&NotificationType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* The layout of the rings this module drains (see pglf_ring.h). */
+    if (PyModule_AddIntConstant(m, "RING_ABI", (long)pglf_ring_abi()) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -21,6 +21,7 @@
 #define _POSIX_C_SOURCE 200809L   /* posix_memalign, clock_gettime */
 #endif
 #include "pglf_ring.h"
+#include "pglf_platform.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -28,11 +29,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-
-/* Two cache lines per hot field: defeats adjacent-line prefetch sharing. */
-#define PGLF_LINE 128
 
 struct pglf_ring {
     /* producer-written line */
@@ -76,6 +73,8 @@ _Static_assert(offsetof(struct pglf_ring, cached_tail) -
                        offsetof(struct pglf_ring, head) >= PGLF_LINE,
                "consumer fields share a line");
 _Static_assert(sizeof(pglf_rec) == PGLF_REC_HDR, "record header size");
+_Static_assert(PGLF_RING_LAYOUT_VERSION < 128 && PGLF_RING_ABI <= 0x7fffffffu,
+               "PGLF_RING_ABI must fit in 31 bits");
 
 #define RELAXED memory_order_relaxed
 #define ACQUIRE memory_order_acquire
@@ -89,6 +88,8 @@ static uint64_t round_pow2(uint64_t v)
         p <<= 1;
     return p;
 }
+
+uint32_t pglf_ring_abi(void) { return PGLF_RING_ABI; }
 
 pglf_ring *pglf_ring_new(size_t capacity, int consumer_wfd, int consumer_rfd,
                          int producer_wfd)
@@ -193,14 +194,11 @@ int pglf_ring_write(pglf_ring *r, uint8_t kind, uint8_t reason, uint32_t chan,
     if (len)
         memcpy(dst + PGLF_REC_HDR, payload, len);
 
+    /* The producer is the only writer of these counters. */
     if (kind == PGLF_KIND_NOTIFY)
-        atomic_store_explicit(&r->stat_written,
-                              atomic_load_explicit(&r->stat_written, RELAXED) + 1,
-                              RELAXED);
+        PGLF_BUMP(r->stat_written, 1);
     else if (kind == PGLF_KIND_MARKER)
-        atomic_store_explicit(&r->stat_markers,
-                              atomic_load_explicit(&r->stat_markers, RELAXED) + 1,
-                              RELAXED);
+        PGLF_BUMP(r->stat_markers, 1);
 
     /* Publish.  Pairs with the acquire load of tail in the consumer. */
     atomic_store_explicit(&r->tail, tail + pad + size, RELEASE);
@@ -251,9 +249,7 @@ void pglf_ring_producer_wait_disarm(pglf_ring *r)
 
 void pglf_ring_count_dropped(pglf_ring *r, uint64_t n)
 {
-    atomic_store_explicit(&r->stat_dropped,
-                          atomic_load_explicit(&r->stat_dropped, RELAXED) + n,
-                          RELAXED);
+    PGLF_BUMP(r->stat_dropped, n);   /* producer-only counter */
 }
 
 /* ------------------------------------------------------------------ */
@@ -315,10 +311,7 @@ static void release_to_producer(pglf_ring *r, uint64_t pos)
 void pglf_ring_consume(pglf_ring *r, uint64_t pos, uint64_t notifications)
 {
     if (notifications)
-        atomic_store_explicit(
-            &r->stat_delivered,
-            atomic_load_explicit(&r->stat_delivered, RELAXED) + notifications,
-            RELAXED);
+        PGLF_BUMP(r->stat_delivered, notifications);   /* consumer-only counter */
     release_to_producer(r, pos);
 }
 
@@ -373,16 +366,9 @@ void pglf_ring_consumer_wait_disarm(pglf_ring *r)
     atomic_store_explicit(&r->consumer_waiting, 0, RELAXED);
 }
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 int pglf_ring_wait(pglf_ring *r, int timeout_ms)
 {
-    int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : -1;
+    int64_t deadline = timeout_ms >= 0 ? pglf_mono_ms() + timeout_ms : -1;
     for (;;) {
         if (pglf_ring_consumer_wait_arm(r))
             return atomic_load_explicit(&r->closed, ACQUIRE) &&
@@ -391,7 +377,7 @@ int pglf_ring_wait(pglf_ring *r, int timeout_ms)
                        : PGLF_READY;
         int left = -1;
         if (deadline >= 0) {
-            int64_t d = deadline - now_ms();
+            int64_t d = deadline - pglf_mono_ms();
             left = d > 0 ? (int)d : 0;
         }
         struct pollfd pfd = {.fd = r->consumer_rfd, .events = POLLIN};

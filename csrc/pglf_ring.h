@@ -60,6 +60,36 @@
 
 typedef struct pglf_ring pglf_ring;
 
+/*
+ * Ring layout ABI.  A ring created by one extension module
+ * (pglisten_fast._pglf) is drained by another (pglisten_fast._records)
+ * through its address, and each module compiles its own copy of
+ * pglf_ring.c: both copies must agree on the layout of struct pglf_ring and
+ * of the records.  PGLF_RING_ABI is an integer constant expression that
+ * fingerprints that layout: PGLF_RING_LAYOUT_VERSION in bits 24-30 (bump it
+ * whenever a field or a record changes meaning without the sizes below
+ * moving), and in bits 0-23 a mix of the sizes of the ring and of the record
+ * header and of the offsets of fields both sides use.  It is below 2^31, so
+ * it fits a C long.
+ *
+ * It names private fields, so it can only be evaluated where struct
+ * pglf_ring is complete (pglf_ring.c); elsewhere call pglf_ring_abi(), which
+ * returns the value of the copy of pglf_ring.c linked into the caller.
+ * Both modules report theirs (_pglf: pglf_ring_abi(); _records: the
+ * constant RING_ABI) so that the Python side can refuse a mismatch at
+ * import.
+ */
+#define PGLF_RING_LAYOUT_VERSION 1u
+#define PGLF_RING_ABI                                                       \
+    ((uint32_t)(PGLF_RING_LAYOUT_VERSION << 24) |                           \
+     (((uint32_t)sizeof(struct pglf_ring) * 29791u /* 31^3 */ +             \
+       (uint32_t)offsetof(struct pglf_ring, head) * 961u /* 31^2 */ +       \
+       (uint32_t)offsetof(struct pglf_ring, data) * 31u +                   \
+       (uint32_t)sizeof(pglf_rec)) & 0xffffffu))
+
+/* PGLF_RING_ABI of this copy of pglf_ring.c. */
+uint32_t pglf_ring_abi(void);
+
 /* The header every record starts with; the payload follows it directly. */
 typedef struct pglf_rec {
     uint32_t len;     /* payload bytes (PAD: bytes skipped after the header) */

@@ -1,42 +1,27 @@
 /*
- * pglf_router.c - channel routing, owed markers, and the libpq read loop.
+ * pglf_router.c - subscriptions, owed markers, routing over the channel
+ * map (pglf_chanmap.c), the block stash and the counters.  No libpq here:
+ * the read loop (pglf_readloop.c) feeds pglf_route().
  *
  * Single-threaded by contract: every function runs on the selector thread,
  * which is the only producer of every ring it writes.  See pglf_router.h.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE 1   /* dladdr */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L   /* clock_gettime (pglf_platform.h) */
 #endif
 #include "pglf_router.h"
+#include "pglf_chanmap.h"
+#include "pglf_platform.h"
 
-#include <dlfcn.h>
-#include <errno.h>
-#include <poll.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define ST_ACTIVE 1      /* notifications are routed to this channel */
 #define ST_ANNOUNCED 2   /* its "listen" marker was owed or written */
 
 /* Bytes of an owed pair of markers (overflow + reason), used for waits. */
 #define MARKER_PAIR ((size_t)(2 * pglf_rec_size(8)))
-
-typedef struct target {
-    pglf_sub *sub;
-    uint32_t idx;
-    uint64_t last_seq;   /* sequence number of the last notification served */
-} target;
-
-typedef struct entry {
-    struct entry *next;
-    uint64_t hash;
-    size_t len;
-    target *targets;
-    size_t ntargets, cap;
-    char name[];         /* len bytes + NUL */
-} entry;
 
 struct pglf_sub {
     pglf_ring *ring;
@@ -46,15 +31,14 @@ struct pglf_sub {
     uint8_t *state;          /* ST_* per channel */
     uint8_t *owed_reason;    /* PGLF_REASON_LISTEN/RECONNECT owed, or 0 */
     uint64_t *owed_dropped;  /* notifications dropped since the last marker */
-    entry **entries;         /* routing entry of each attached channel */
+    pglf_chanmap_entry **entries;   /* routing entry of each attached channel */
     uint32_t owing;          /* channels with something owed */
     int dirty;               /* written since the last wake-up */
     pglf_sub *prev, *next;
 };
 
 struct pglf_router {
-    entry **buckets;
-    size_t nbuckets, nentries;
+    pglf_chanmap map;        /* channel name -> targets */
     pglf_sub *subs;
     pglf_sub **dirty;
     size_t ndirty, capdirty;
@@ -74,32 +58,13 @@ struct pglf_router {
     _Atomic uint64_t received, dropped, markers;
 };
 
-/* Single-writer counter bump: a relaxed load and store, no locked RMW. */
-#define BUMP(field, n)                                                       \
-    atomic_store_explicit(&(field),                                          \
-                          atomic_load_explicit(&(field), memory_order_relaxed) \
-                              + (n),                                         \
-                          memory_order_relaxed)
-
-static uint64_t hash_name(const char *s, size_t len)
-{
-    uint64_t h = 1469598103934665603ULL;     /* FNV-1a */
-    for (size_t i = 0; i < len; i++) {
-        h ^= (unsigned char)s[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
 pglf_router *pglf_router_new(void)
 {
     pglf_router *r = calloc(1, sizeof(*r));
     if (r == NULL)
         return NULL;
     r->wake_fd = -1;
-    r->nbuckets = 64;
-    r->buckets = calloc(r->nbuckets, sizeof(entry *));
-    if (r->buckets == NULL) {
+    if (pglf_chanmap_init(&r->map) != PGLF_OK) {
         free(r);
         return NULL;
     }
@@ -119,68 +84,16 @@ void pglf_router_free(pglf_router *r)
 {
     if (r == NULL)
         return;
-    for (size_t b = 0; b < r->nbuckets; b++) {
-        entry *e = r->buckets[b];
-        while (e) {
-            entry *next = e->next;
-            free(e->targets);
-            free(e);
-            e = next;
-        }
-    }
+    pglf_chanmap_destroy(&r->map);
     pglf_sub *s = r->subs;
     while (s) {
         pglf_sub *next = s->next;
         sub_release(s);
         s = next;
     }
-    free(r->buckets);
     free(r->dirty);
     free(r->stash_buf);
     free(r);
-}
-
-/* ------------------------------------------------------------------ */
-/* channel map                                                          */
-
-static entry *lookup(pglf_router *r, const char *name, size_t len, uint64_t h)
-{
-    for (entry *e = r->buckets[h & (r->nbuckets - 1)]; e; e = e->next)
-        if (e->hash == h && e->len == len && memcmp(e->name, name, len) == 0)
-            return e;
-    return NULL;
-}
-
-static int grow_buckets(pglf_router *r)
-{
-    size_t nb = r->nbuckets * 2;
-    entry **b = calloc(nb, sizeof(entry *));
-    if (b == NULL)
-        return PGLF_ENOMEM;
-    for (size_t i = 0; i < r->nbuckets; i++) {
-        entry *e = r->buckets[i];
-        while (e) {
-            entry *next = e->next;
-            e->next = b[e->hash & (nb - 1)];
-            b[e->hash & (nb - 1)] = e;
-            e = next;
-        }
-    }
-    free(r->buckets);
-    r->buckets = b;
-    r->nbuckets = nb;
-    return PGLF_OK;
-}
-
-static void unlink_entry(pglf_router *r, entry *dead)
-{
-    entry **pp = &r->buckets[dead->hash & (r->nbuckets - 1)];
-    while (*pp != dead)
-        pp = &(*pp)->next;
-    *pp = dead->next;
-    r->nentries--;
-    free(dead->targets);
-    free(dead);
 }
 
 /* ------------------------------------------------------------------ */
@@ -201,7 +114,7 @@ pglf_sub *pglf_sub_new(pglf_router *r, pglf_ring *ring, uint32_t nchannels,
     s->state = calloc(nchannels, 1);
     s->owed_reason = calloc(nchannels, 1);
     s->owed_dropped = calloc(nchannels, sizeof(uint64_t));
-    s->entries = calloc(nchannels, sizeof(entry *));
+    s->entries = calloc(nchannels, sizeof(pglf_chanmap_entry *));
     if (!s->state || !s->owed_reason || !s->owed_dropped || !s->entries) {
         sub_release(s);
         return NULL;
@@ -218,57 +131,16 @@ int pglf_sub_attach(pglf_router *r, pglf_sub *s, uint32_t idx, const char *name,
 {
     if (idx >= s->n || s->entries[idx] != NULL)
         return PGLF_EINVAL;
-    uint64_t h = hash_name(name, len);
-    entry *e = lookup(r, name, len, h);
-    if (e == NULL) {
-        if (r->nentries + 1 > r->nbuckets && grow_buckets(r) != PGLF_OK)
-            return PGLF_ENOMEM;
-        e = calloc(1, sizeof(*e) + len + 1);
-        if (e == NULL)
-            return PGLF_ENOMEM;
-        e->hash = h;
-        e->len = len;
-        memcpy(e->name, name, len);
-        e->next = r->buckets[h & (r->nbuckets - 1)];
-        r->buckets[h & (r->nbuckets - 1)] = e;
-        r->nentries++;
-    }
-    if (e->ntargets == e->cap) {
-        size_t cap = e->cap ? e->cap * 2 : 2;
-        target *t = realloc(e->targets, cap * sizeof(target));
-        if (t == NULL) {
-            if (e->ntargets == 0)
-                unlink_entry(r, e);
-            return PGLF_ENOMEM;
-        }
-        e->targets = t;
-        e->cap = cap;
-    }
-    e->targets[e->ntargets++] = (target){.sub = s, .idx = idx, .last_seq = 0};
-    s->entries[idx] = e;
-    return PGLF_OK;
+    return pglf_chanmap_attach(&r->map, name, len, s, idx, &s->entries[idx]);
 }
 
 void pglf_sub_free(pglf_router *r, pglf_sub *s)
 {
     if (s == NULL)
         return;
-    for (uint32_t i = 0; i < s->n; i++) {
-        entry *e = s->entries[i];
-        if (e == NULL)
-            continue;
-        for (size_t k = 0; k < e->ntargets; k++) {
-            if (e->targets[k].sub == s && e->targets[k].idx == i) {
-                /* Keep the order of the other targets (fan-out order). */
-                memmove(&e->targets[k], &e->targets[k + 1],
-                        (e->ntargets - k - 1) * sizeof(target));
-                e->ntargets--;
-                break;
-            }
-        }
-        if (e->ntargets == 0)
-            unlink_entry(r, e);
-    }
+    for (uint32_t i = 0; i < s->n; i++)
+        if (s->entries[i] != NULL)
+            pglf_chanmap_detach(&r->map, s->entries[i], s, i);
     if (s->dirty) {
         pglf_ring_wake_consumer(s->ring);
         for (size_t k = 0; k < r->ndirty; k++)
@@ -364,7 +236,7 @@ static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
             if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, s->owed_reason[i], i,
                                 0, NULL, 0, 0) != PGLF_OK)
                 goto full;
-            BUMP(r->markers, 1);
+            PGLF_BUMP(r->markers, 1);
             s->owed_reason[i] = 0;
             mark_dirty(r, s);
             settle(r, s, i);
@@ -374,7 +246,7 @@ static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
             if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW,
                                 i, 0, &n, sizeof(n), 0) != PGLF_OK)
                 goto full;
-            BUMP(r->markers, 1);
+            PGLF_BUMP(r->markers, 1);
             s->owed_dropped[i] = 0;
             mark_dirty(r, s);
             settle(r, s, i);
@@ -403,7 +275,7 @@ int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
         uint64_t n = s->owed_dropped[idx];
         if (pglf_ring_write(s->ring, PGLF_KIND_MARKER, PGLF_REASON_OVERFLOW, idx,
                             0, &n, sizeof(n), 0) == PGLF_OK) {
-            BUMP(r->markers, 1);
+            PGLF_BUMP(r->markers, 1);
             s->owed_dropped[idx] = 0;
             mark_dirty(r, s);
             settle(r, s, idx);
@@ -422,6 +294,7 @@ int pglf_sub_state(const pglf_sub *s, uint32_t idx)
 {
     if (idx >= s->n)
         return 0;
+    /* How many of the two hold: 0, PGLF_SUB_ACTIVE or PGLF_SUB_ANNOUNCED. */
     return (s->state[idx] & ST_ACTIVE ? 1 : 0) +
            (s->state[idx] & ST_ANNOUNCED ? 1 : 0);
 }
@@ -490,7 +363,7 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
      * ring that cannot take it even with space free. */
     owe(r, s, idx);
     s->owed_dropped[idx]++;
-    BUMP(r->dropped, 1);
+    PGLF_BUMP(r->dropped, 1);
     pglf_ring_count_dropped(s->ring, 1);
     /* Ask the consumer to wake the selector once the markers can be paid;
      * if that much space freed meanwhile, pay now (no wake-up would come). */
@@ -504,11 +377,11 @@ static int route_seq(pglf_router *r, const char *channel, size_t chan_len,
                      int32_t pid, const char *payload, size_t payload_len,
                      uint64_t seq)
 {
-    entry *e = lookup(r, channel, chan_len, hash_name(channel, chan_len));
+    pglf_chanmap_entry *e = pglf_chanmap_lookup(&r->map, channel, chan_len);
     if (e == NULL)
         return PGLF_OK;
     for (size_t k = 0; k < e->ntargets; k++) {
-        target *t = &e->targets[k];
+        pglf_target *t = &e->targets[k];
         if (t->last_seq == seq || !(t->sub->state[t->idx] & ST_ACTIVE))
             continue;
         if (deliver(r, t->sub, t->idx, pid, payload, payload_len) == PGLF_BLOCKED)
@@ -545,14 +418,14 @@ int pglf_route(pglf_router *r, const char *channel, size_t chan_len, int32_t pid
 {
     if (r->stashed)
         return PGLF_BLOCKED;
-    BUMP(r->received, 1);
+    PGLF_BUMP(r->received, 1);
     uint64_t seq = ++r->seq;
     if (route_seq(r, channel, chan_len, pid, payload, payload_len, seq) ==
         PGLF_OK)
         return PGLF_OK;
     if (stash(r, channel, chan_len, pid, payload, payload_len) != PGLF_OK) {
         /* Out of memory: nothing can hold it.  Count it as dropped. */
-        BUMP(r->dropped, 1);
+        PGLF_BUMP(r->dropped, 1);
         return PGLF_OK;
     }
     return PGLF_BLOCKED;
@@ -580,6 +453,9 @@ int pglf_router_flush(pglf_router *r)
 int pglf_router_blocked(const pglf_router *r) { return r->stashed; }
 int pglf_router_owing(const pglf_router *r) { return r->owing_subs != 0; }
 void pglf_router_set_busy(pglf_router *r, int busy) { r->busy = busy; }
+int pglf_router_busy(const pglf_router *r) { return r->busy; }
+void pglf_router_set_wake_fd(pglf_router *r, int fd) { r->wake_fd = fd; }
+int pglf_router_wake_fd(const pglf_router *r) { return r->wake_fd; }
 uint64_t pglf_router_received(const pglf_router *r)
 {
     return atomic_load_explicit(&((pglf_router *)r)->received, memory_order_relaxed);
@@ -592,146 +468,3 @@ uint64_t pglf_router_markers(const pglf_router *r)
 {
     return atomic_load_explicit(&((pglf_router *)r)->markers, memory_order_relaxed);
 }
-
-/* ------------------------------------------------------------------ */
-/* libpq                                                                */
-
-#ifdef PGLF_WITH_LIBPQ
-
-/* Wake consumers at least this often during a long burst. */
-#define WAKE_EVERY 4096
-/* A socket read that yields at least this many notifications looks like a
- * burst: check for more bytes before waking consumers. */
-#define BURST_READ 16
-
-/*
- * libpq allocates a PGnotify and its two strings in one block: the channel
- * name right after the struct, the payload right after the name's NUL.
- * When that layout is recognised the name's length is known without a
- * strlen; otherwise measure it.
- */
-static size_t relname_len(const PGnotify *n)
-{
-    /* Names are shorter than NAMEDATALEN (64) bytes. */
-    if (n->relname == (char *)(n + 1) && n->extra > n->relname &&
-        n->extra - n->relname <= 64) {
-        size_t len = (size_t)(n->extra - n->relname) - 1;
-        if (n->relname[len] == '\0')
-            return len;
-    }
-    return strlen(n->relname);
-}
-
-/* More bytes are waiting on the socket, and no control event is. */
-static int readable_now(int sock, int wake_fd)
-{
-    struct pollfd p[2] = {{.fd = sock, .events = POLLIN},
-                          {.fd = wake_fd, .events = POLLIN}};
-    if (sock < 0 || poll(p, 2, 0) <= 0)
-        return 0;
-    return (p[0].revents & POLLIN) && !p[1].revents;
-}
-
-int pglf_pump(pglf_router *r, PGconn *conn)
-{
-    int flags = 0;
-    if (r->stashed && pglf_router_flush(r) == PGLF_BLOCKED)
-        return PGLF_RUN_BLOCKED;
-    unsigned since_wake = 0;
-    for (;;) {
-        if (!PQconsumeInput(conn))
-            flags |= PGLF_RUN_ERROR;
-        PGnotify *n;
-        unsigned k = 0;
-        while ((n = PQnotifies(conn)) != NULL) {
-            int rc = pglf_route(r, n->relname, relname_len(n), n->be_pid,
-                                n->extra, strlen(n->extra));
-            PQfreemem(n);
-            if (rc == PGLF_BLOCKED) {
-                flags |= PGLF_RUN_BLOCKED;
-                break;
-            }
-            k++;
-            if (++since_wake == WAKE_EVERY) {
-                since_wake = 0;
-                pglf_router_wake(r);
-            }
-        }
-        /* During a burst, read on while the socket has more, so consumers are
-         * woken once per WAKE_EVERY notifications instead of once per socket
-         * read (each wake-up of a sleeping thread costs microseconds).  A
-         * trickle wakes them at once: no latency is added there. */
-        if (flags || (r->busy && !PQisBusy(conn)) || k < BURST_READ ||
-            !readable_now(PQsocket(conn), r->wake_fd))
-            break;
-    }
-    pglf_router_wake(r);
-    if (r->busy && !PQisBusy(conn))
-        flags |= PGLF_RUN_RESULT;
-    return flags;
-}
-
-static int64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
-{
-    int sock = PQsocket(conn);
-    if (sock < 0)
-        return PGLF_RUN_ERROR;
-    /* A long burst is read on in pglf_pump until this fd (commands, stop,
-     * consumers that freed space) asks for attention. */
-    r->wake_fd = wake_fd;
-    int64_t deadline = timeout_ms >= 0 ? mono_ms() + timeout_ms : -1;
-    for (;;) {
-        /* Queries are sent in non-blocking mode: push what is left of them
-         * while reading, so neither side can block the other on a full
-         * socket buffer. */
-        int pending = PQflush(conn);
-        if (pending < 0)
-            return PGLF_RUN_ERROR;
-        struct pollfd p[2] = {
-            {.fd = wake_fd, .events = POLLIN},
-            /* While blocked the socket is not read: the backlog stays in the
-             * server's notification queue, not in this process. */
-            {.fd = r->stashed && !pending ? -1 : sock,
-             .events = (short)((r->stashed ? 0 : POLLIN) | (pending ? POLLOUT : 0))},
-        };
-        int left = -1;
-        if (deadline >= 0) {
-            int64_t d = deadline - mono_ms();
-            left = d > 0 ? (int)(d < 0x7fffffff ? d : 0x7fffffff) : 0;
-        }
-        int rc = poll(p, 2, left);
-        if (rc < 0)
-            return errno == EINTR ? PGLF_RUN_EINTR : PGLF_RUN_ERROR;
-        if (rc == 0)
-            return PGLF_RUN_TIMEOUT;
-        int flags = 0;
-        if (p[0].revents)
-            flags |= PGLF_RUN_WAKE;
-        if (p[1].revents & ~POLLOUT) {
-            flags |= pglf_pump(r, conn);
-            if (deadline >= 0)
-                deadline = mono_ms() + timeout_ms;
-        }
-        if (flags)
-            return flags;
-    }
-}
-
-const char *pglf_libpq_path(void)
-{
-#if defined(__linux__) || defined(__APPLE__) || defined(__FreeBSD__)
-    Dl_info info;
-    if (dladdr((void *)&PQconsumeInput, &info) && info.dli_fname)
-        return info.dli_fname;
-#endif
-    return NULL;
-}
-
-#endif /* PGLF_WITH_LIBPQ */

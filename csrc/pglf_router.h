@@ -1,12 +1,15 @@
 /*
- * pglf_router.h - the selector thread's hot path: channel routing, marker
- * bookkeeping and the libpq read loop.
+ * pglf_router.h - the selector thread's hot path: channel routing and
+ * marker bookkeeping.
  *
  * Everything here is called on the Listener's selector thread only (the
- * single producer of every subscription ring), with the GIL released.  The
- * router maps a channel name to the subscriptions listening on it; a
+ * single producer of every subscription ring), with the GIL released; the
+ * counters are the exception: readable from any thread.  The router maps a
+ * channel name to the subscriptions listening on it (pglf_chanmap.h); a
  * subscription (pglf_sub) is the producer-side state of one ring: which of
- * its channels are live, and the markers it still owes its consumer.
+ * its channels are live, and the markers it still owes its consumer.  The
+ * router knows nothing of libpq: the read loop (pglf_readloop.h) feeds it
+ * with pglf_route() and the Python read path does the same.
  *
  * Delivery rules implemented here (DESIGN.md "Ordering and marker rules"):
  *   - a target stays inactive, so nothing is written for it, until the
@@ -30,13 +33,21 @@
 
 #define PGLF_BLOCKED 9      /* a "block" ring is full; see pglf_router_flush */
 
-/* pglf_run / pglf_pump result flags */
-#define PGLF_RUN_WAKE 1      /* the wake-up fd is readable */
-#define PGLF_RUN_TIMEOUT 2   /* no byte from the server for timeout_ms */
-#define PGLF_RUN_RESULT 4    /* the outstanding query has results to collect */
-#define PGLF_RUN_ERROR 8     /* libpq reported an error: see PQerrorMessage */
-#define PGLF_RUN_BLOCKED 16  /* a "block" ring is full; the socket is not read */
-#define PGLF_RUN_EINTR 32    /* the wait was interrupted by a signal */
+/*
+ * pglf_sub_state() results.  A channel of a subscription is "announced"
+ * from its first activation on (its "listen" marker owed or written) and
+ * "active" while notifications are routed to it.  Activation sets both;
+ * pglf_router_deactivate_all() (connection lost) clears only "active".
+ * The result is the number of the two that hold:
+ *   0                   never activated: no marker yet, nothing routed;
+ *   PGLF_SUB_ACTIVE     one of them.  Since activation sets both, this is
+ *                       in practice "announced, but inactive since the
+ *                       connection was lost": it needs a "reconnect"
+ *                       activation;
+ *   PGLF_SUB_ANNOUNCED  active and announced: routed, nothing to redo.
+ */
+#define PGLF_SUB_ACTIVE 1
+#define PGLF_SUB_ANNOUNCED 2
 
 typedef struct pglf_router pglf_router;
 typedef struct pglf_sub pglf_sub;
@@ -66,7 +77,7 @@ void pglf_sub_free(pglf_router *r, pglf_sub *s);
  * still owed.
  */
 int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason);
-/* 1 if the channel is active, 2 if it also received its "listen" marker. */
+/* 0, PGLF_SUB_ACTIVE or PGLF_SUB_ANNOUNCED (see above); 0 for a bad idx. */
 int pglf_sub_state(const pglf_sub *s, uint32_t idx);
 /* Deactivate every channel of every subscription (connection lost). */
 void pglf_router_deactivate_all(pglf_router *r);
@@ -96,37 +107,17 @@ void pglf_router_wake(pglf_router *r);
 /* Tell the pump that a query is outstanding (results must be collected). */
 void pglf_router_set_busy(pglf_router *r, int busy);
 
+/* For the read loop (pglf_readloop.c), on the selector thread: */
+/* 1 while a query is outstanding (pglf_router_set_busy). */
+int pglf_router_busy(const pglf_router *r);
+/* The wake-up fd of the current pglf_run (-1 before the first): a burst is
+ * read on only while it is quiet. */
+void pglf_router_set_wake_fd(pglf_router *r, int fd);
+int pglf_router_wake_fd(const pglf_router *r);
+
 /* Counters: written by the selector thread, readable from any thread. */
 uint64_t pglf_router_received(const pglf_router *r);
 uint64_t pglf_router_dropped(const pglf_router *r);
 uint64_t pglf_router_markers(const pglf_router *r);
-
-#ifdef PGLF_WITH_LIBPQ
-#include <libpq-fe.h>
-/*
- * Read what the socket has: PQconsumeInput, then route every PQnotifies
- * record and PQfreemem it, then wake consumers.  Returns PGLF_RUN_* flags.
- */
-int pglf_pump(pglf_router *r, PGconn *conn);
-/* (A burst is read on while the socket has more bytes and the wake-up fd
- * of the enclosing pglf_run, if any, is quiet; consumers are woken at
- * least every 4,096 notifications.) */
-
-/*
- * The selector's wait loop: poll the libpq socket (unless blocked) and
- * `wake_fd`, pump whenever the socket is readable, and return only for a
- * control event: the wake-up fd, `timeout_ms` without a byte from the
- * server (< 0: none), results of the outstanding query, an error, or a
- * newly blocked ring.  Returns PGLF_RUN_* flags.
- */
-int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms);
-
-/*
- * Path of the libpq shared object these functions were linked with, or
- * NULL when it cannot be told.  Used at import to prove that psycopg's
- * PGconn* belongs to the same libpq.
- */
-const char *pglf_libpq_path(void);
-#endif
 
 #endif /* PGLF_ROUTER_H */

@@ -1,8 +1,9 @@
 /*
  * router_smoke.c - single-threaded smoke test of the notification router
- * (csrc/pglf_router.c) over real rings, meant for ASan/UBSan builds
- * (scripts/sanitize.sh).  It needs no database: pglf_pump / pglf_run are not
- * called; the test plays the selector thread and the consumers itself.
+ * (csrc/pglf_router.c with its channel map, csrc/pglf_chanmap.c) over real
+ * rings, meant for ASan/UBSan builds (scripts/sanitize.sh).  It needs no
+ * database and no libpq: the read loop (pglf_pump / pglf_run) is not
+ * linked; the test plays the selector thread and the consumers itself.
  *
  * Steps: channel attach (including bucket growth and fan-out), activation
  * with "listen"/"reconnect" markers, routing to inactive and active
@@ -14,9 +15,9 @@
  * subscriptions and the router.  After each step the records in the rings
  * are checked kind by kind.
  *
- * Build: gcc -std=c11 -D_GNU_SOURCE -DPGLF_WITH_LIBPQ -I csrc \
- *            -I "$(pg_config --includedir)" csrc/tests/router_smoke.c \
- *            csrc/pglf_router.c csrc/pglf_ring.c -lpq -o router_smoke
+ * Build (no libpq: the router never touches it, pglf_readloop.c does):
+ *   gcc -std=c11 -D_GNU_SOURCE -I csrc csrc/tests/router_smoke.c \
+ *       csrc/pglf_router.c csrc/pglf_chanmap.c csrc/pglf_ring.c -o router_smoke
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE 1
