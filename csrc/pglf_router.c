@@ -294,7 +294,7 @@ int pglf_sub_state(const pglf_sub *s, uint32_t idx)
 {
     if (idx >= s->n)
         return 0;
-    /* How many of the two hold: 0, PGLF_SUB_ACTIVE or PGLF_SUB_ANNOUNCED. */
+    /* How many of the two hold: PGLF_SUB_NEW, _LAPSED or _LIVE. */
     return (s->state[idx] & ST_ACTIVE ? 1 : 0) +
            (s->state[idx] & ST_ANNOUNCED ? 1 : 0);
 }

@@ -39,15 +39,16 @@
  * "active" while notifications are routed to it.  Activation sets both;
  * pglf_router_deactivate_all() (connection lost) clears only "active".
  * The result is the number of the two that hold:
- *   0                   never activated: no marker yet, nothing routed;
- *   PGLF_SUB_ACTIVE     one of them.  Since activation sets both, this is
- *                       in practice "announced, but inactive since the
- *                       connection was lost": it needs a "reconnect"
- *                       activation;
- *   PGLF_SUB_ANNOUNCED  active and announced: routed, nothing to redo.
+ *   PGLF_SUB_NEW     never activated: no marker yet, nothing routed;
+ *   PGLF_SUB_LAPSED  announced, but not routed since the connection was
+ *                    lost: it needs a "reconnect" activation (activation
+ *                    sets both flags, so "active but not announced" never
+ *                    happens);
+ *   PGLF_SUB_LIVE    active and announced: routed, nothing to redo.
  */
-#define PGLF_SUB_ACTIVE 1
-#define PGLF_SUB_ANNOUNCED 2
+#define PGLF_SUB_NEW 0
+#define PGLF_SUB_LAPSED 1
+#define PGLF_SUB_LIVE 2
 
 typedef struct pglf_router pglf_router;
 typedef struct pglf_sub pglf_sub;
@@ -77,7 +78,7 @@ void pglf_sub_free(pglf_router *r, pglf_sub *s);
  * still owed.
  */
 int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason);
-/* 0, PGLF_SUB_ACTIVE or PGLF_SUB_ANNOUNCED (see above); 0 for a bad idx. */
+/* PGLF_SUB_NEW, _LAPSED or _LIVE (see above); PGLF_SUB_NEW for a bad idx. */
 int pglf_sub_state(const pglf_sub *s, uint32_t idx);
 /* Deactivate every channel of every subscription (connection lost). */
 void pglf_router_deactivate_all(pglf_router *r);

@@ -77,8 +77,9 @@ REC_HDR: int = lib.PGLF_REC_HDR
 MIN_CAPACITY = 64 * 1024
 MAX_CAPACITY = 1 << 34
 
-_ABI_C = int(lib.pglf_ring_abi()) if hasattr(lib, "pglf_ring_abi") else 0  # XXX
-if getattr(_records, "RING_ABI", 0) != _ABI_C:  # pragma: no cover - a broken build
+# Rings made here are drained by the other extension through their address.
+_ABI_C = int(lib.pglf_ring_abi())
+if _records.RING_ABI != _ABI_C:  # pragma: no cover - a broken build
     raise ImportError(
         "pglisten_fast's two extensions were built with different ring layouts "
         f"({_ABI_C:#x} != {_records.RING_ABI:#x}); reinstall pglisten_fast"

@@ -35,9 +35,9 @@ class RunFlag(enum.IntFlag):
 class ChannelState(enum.IntEnum):
     """State of one channel of a subscription (``pglf_sub_state``)."""
 
-    NEW = 0         # never activated: nothing routed, no marker yet
-    PAUSED = 1      # announced before, not routed now (connection lost)
-    LIVE = 2        # routed, and its "listen" marker was queued
+    NEW = lib.PGLF_SUB_NEW        # never activated: nothing routed, no marker
+    LAPSED = lib.PGLF_SUB_LAPSED  # announced before, not routed (connection lost)
+    LIVE = lib.PGLF_SUB_LIVE      # routed, and its "listen" marker was queued
 
 
 class RouterCounters(tuple[int, int, int]):
