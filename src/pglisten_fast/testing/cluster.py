@@ -1,46 +1,18 @@
-"""Throwaway PostgreSQL clusters for tests and demos.
+"""The throwaway cluster itself: :class:`TempCluster`.
 
-This module starts a private, disposable PostgreSQL server in a temporary
-directory.  It only needs the PostgreSQL server binaries (``initdb``,
-``pg_ctl`` and ``postgres``) and uses nothing from the rest of
-:mod:`pglisten_fast`, so it can be imported even when the compiled core is
-not available.
-
-Usage::
-
-    from pglisten_fast.testing import TempCluster
-
-    with TempCluster() as cluster:
-        with cluster.connect() as conn:
-            conn.execute("NOTIFY jobs, 'hello'")
-        print(cluster.dsn)  # host=127.0.0.1 port=... user=postgres dbname=postgres
-        cluster.restart(mode="immediate")  # crash-like restart, same port and data
-
-The cluster is tuned for speed, not durability (``fsync=off`` and friends),
-listens on ``127.0.0.1`` only and trusts every local connection.  Extra
-server settings can be passed with ``TempCluster(settings={...})``.
-
-The server binaries are found by :func:`find_pg_bindir`; set the environment
-variable ``PGLISTEN_PG_BINDIR`` to point at a specific installation.
-
-When the current process runs as root the server is run as the ``postgres``
-operating-system user, because ``initdb`` and ``postgres`` refuse to run as
-root.  Every cluster that is still running when the interpreter exits is
-stopped and removed by an :mod:`atexit` hook, so a crashing test-suite does not
-leave server processes behind.
+Importing this module imports :mod:`psycopg` (for :meth:`TempCluster.connect`
+and the readiness probe); it starts nothing and needs no server binaries
+until :meth:`TempCluster.start` runs.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import pwd
-import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import threading
@@ -48,146 +20,22 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 from psycopg.rows import TupleRow
 
-__all__ = [
-    "BINDIR_ENV_VAR",
-    "ClusterError",
-    "StopMode",
-    "TempCluster",
-    "find_pg_bindir",
-]
+from . import reaper
+from ._common import TEMP_PREFIX, ClusterError, StopMode, pid_alive, traversable_by
+from .bindir import find_pg_bindir, missing_binaries
 
-#: Environment variable that overrides the search for the server binaries.
-BINDIR_ENV_VAR = "PGLISTEN_PG_BINDIR"
+__all__ = ["TempCluster"]
 
-#: Shutdown modes understood by ``pg_ctl stop``.
-StopMode = Literal["smart", "fast", "immediate"]
-
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 _SERVER_USER = "postgres"
 _CONF_NAME = "pglisten_fast.conf"
 _START_TIMEOUT = 60.0
 _LOG_TAIL_LINES = 40
 _PORT_RETRIES = 3
-
-
-class ClusterError(RuntimeError):
-    """Raised when a temporary cluster cannot be located, started or stopped."""
-
-
-# ---------------------------------------------------------------------------
-# Locating the server binaries
-# ---------------------------------------------------------------------------
-
-
-def _missing_binaries(bindir: Path) -> list[str]:
-    """Return the names of the required server binaries absent from *bindir*."""
-    return [
-        name
-        for name in _REQUIRED_BINARIES
-        if not ((bindir / name).is_file() and os.access(bindir / name, os.X_OK))
-    ]
-
-
-def _version_key(path: Path) -> tuple[int, ...]:
-    """Sort key for ``/usr/lib/postgresql/<version>/bin`` directories."""
-    return tuple(int(part) for part in path.parent.name.split("."))
-
-
-def _pg_config_bindir() -> Path | None:
-    """Ask ``pg_config`` (when on ``PATH``) for the binaries directory."""
-    pg_config = shutil.which("pg_config")
-    if pg_config is None:
-        return None
-    try:
-        proc = subprocess.run(
-            [pg_config, "--bindir"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    out = proc.stdout.strip()
-    if proc.returncode != 0 or not out:
-        return None
-    return Path(out)
-
-
-def find_pg_bindir() -> Path:
-    """Locate the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    The candidates are, in order:
-
-    1. the environment variable ``PGLISTEN_PG_BINDIR`` (if set, it must be
-       valid: no other place is tried);
-    2. ``pg_config --bindir``, when ``pg_config`` is on ``PATH``;
-    3. the directory of ``pg_ctl`` found on ``PATH`` (and, if that is a
-       symbolic link, the directory of its target);
-    4. the newest ``/usr/lib/postgresql/<version>/bin``;
-    5. ``/usr/local/pgsql/bin``.
-
-    Raises:
-        ClusterError: no candidate holds all three binaries.
-    """
-    override = os.environ.get(BINDIR_ENV_VAR)
-    if override:
-        path = Path(override)
-        missing = _missing_binaries(path)
-        if missing:
-            raise ClusterError(
-                f"{BINDIR_ENV_VAR}={override!r} does not contain the PostgreSQL "
-                f"server binaries (missing: {', '.join(missing)})"
-            )
-        return path
-
-    tried: list[str] = []
-    candidates: list[tuple[str, Path | None]] = [
-        ("pg_config --bindir", _pg_config_bindir())
-    ]
-    pg_ctl = shutil.which("pg_ctl")
-    if pg_ctl is not None:
-        candidates.append(("directory of pg_ctl on PATH", Path(pg_ctl).parent))
-        candidates.append(
-            ("directory of pg_ctl on PATH (resolved)", Path(pg_ctl).resolve().parent)
-        )
-    else:
-        candidates.append(("directory of pg_ctl on PATH", None))
-    versioned: list[Path] = []
-    for versioned_dir in Path("/usr/lib/postgresql").glob("*/bin"):
-        if re.fullmatch(r"\d+(\.\d+)*", versioned_dir.parent.name):
-            versioned.append(versioned_dir)
-    versioned.sort(key=_version_key, reverse=True)
-    if versioned:
-        candidates.extend(("/usr/lib/postgresql/*/bin", v) for v in versioned)
-    else:
-        candidates.append(("/usr/lib/postgresql/*/bin", None))
-    candidates.append(("/usr/local/pgsql/bin", Path("/usr/local/pgsql/bin")))
-
-    for label, candidate in candidates:
-        if candidate is None:
-            tried.append(f"{label}: not available")
-            continue
-        missing = _missing_binaries(candidate)
-        if not missing:
-            return candidate
-        tried.append(f"{label}: {candidate} (missing: {', '.join(missing)})")
-    raise ClusterError(
-        "could not find the PostgreSQL server binaries (initdb, pg_ctl, postgres); "
-        f"install the PostgreSQL server or set {BINDIR_ENV_VAR}. Tried:\n  "
-        + "\n  ".join(tried)
-    )
-
-
-# ---------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------
 
 
 def _free_port() -> int:
@@ -196,25 +44,6 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process *pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            fields = fh.read().rsplit(")", 1)
-        return len(fields) == 2 and fields[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _conf_quote(value: str) -> str:
@@ -226,105 +55,6 @@ def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
     """The last *lines* lines of *text*, indented for an error message."""
     selected = text.rstrip().splitlines()[-lines:]
     return "\n".join("    " + line for line in selected) if selected else "    (empty)"
-
-
-def _traversable_by(path: Path, uid: int, gid: int) -> bool:
-    """Whether every directory from ``/`` down to *path* can be entered by uid/gid."""
-    current = path.resolve()
-    for directory in (current, *current.parents):
-        try:
-            st = directory.stat()
-        except OSError:
-            return False
-        if st.st_uid == uid:
-            needed = stat.S_IXUSR
-        elif st.st_gid == gid:
-            needed = stat.S_IXGRP
-        else:
-            needed = stat.S_IXOTH
-        if not st.st_mode & needed:
-            return False
-    return True
-
-
-# ---------------------------------------------------------------------------
-# Registry used by the atexit hook
-# ---------------------------------------------------------------------------
-
-_live_clusters: set[TempCluster] = set()
-_registry_lock = threading.Lock()
-_owner_pid = os.getpid()
-
-
-def _cleanup_at_exit() -> None:
-    """Stop and remove every cluster still alive when the interpreter exits."""
-    if os.getpid() != _owner_pid:  # a forked child must not stop the parent's servers
-        return
-    with _registry_lock:
-        clusters = list(_live_clusters)
-    for cluster in clusters:
-        with contextlib.suppress(Exception):  # best effort at interpreter exit
-            cluster.close()
-
-
-atexit.register(_cleanup_at_exit)
-
-#: Written into each cluster's directory: the pid of the process that owns it.
-_OWNER_FILE = "owner.pid"
-
-
-def _reap_orphans(parent: str | None) -> None:
-    """Stop and remove clusters whose owning process died without cleaning up.
-
-    A process killed outright (SIGKILL, or SIGTERM with no handler) never
-    runs its atexit hook; its server would run forever.  Only directories of
-    ours are considered (owned by this user, or by the server user when
-    running as root), and a server is stopped only once it is proven to be
-    that directory's postmaster (its working directory is the data
-    directory); otherwise the directory is left alone.
-    """
-    base = Path(parent or tempfile.gettempdir())
-    uids = {os.geteuid()}
-    if os.geteuid() == 0:
-        with contextlib.suppress(KeyError):
-            uids.add(pwd.getpwnam(_SERVER_USER).pw_uid)
-    for d in base.glob("pglisten-fast-*"):
-        try:
-            st = d.lstat()
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid not in uids:
-                continue
-            owner = int((d / _OWNER_FILE).read_text().strip())
-        except (OSError, ValueError):
-            continue  # not ours, or still being created
-        if owner == os.getpid() or _pid_alive(owner):
-            continue
-        data = d / "data"
-        pid = None
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-        if pid is not None and _pid_alive(pid):
-            try:
-                cwd = os.path.realpath(f"/proc/{pid}/cwd")
-            except OSError:
-                continue
-            if cwd != os.path.realpath(data):
-                continue  # a recycled pid: not that cluster's server
-            # SIGQUIT is PostgreSQL's immediate shutdown; the children follow.
-            try:
-                os.kill(pid, signal.SIGQUIT)
-            except OSError:
-                continue
-            deadline = time.monotonic() + 10
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _pid_alive(pid):
-                continue
-        shutil.rmtree(d, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------
-# TempCluster
-# ---------------------------------------------------------------------------
 
 
 class TempCluster:
@@ -472,7 +202,7 @@ class TempCluster:
             if self._basedir is None or not self.datadir.exists():
                 return
             pid = self._postmaster_pid()
-            if pid is None or not _pid_alive(pid):
+            if pid is None or not pid_alive(pid):
                 return
             proc = self._run(
                 [
@@ -492,7 +222,7 @@ class TempCluster:
                 # pg_ctl failed or timed out: kill the postmaster outright; its
                 # children exit by themselves once it is gone.
                 self._kill_postmaster(pid)
-                if _pid_alive(pid):
+                if pid_alive(pid):
                     raise ClusterError(
                         f"could not stop the server (pid {pid}) with pg_ctl:\n"
                         f"{_tail(proc.stdout)}\nserver log:\n{_tail(self._read_log())}"
@@ -529,13 +259,13 @@ class TempCluster:
         if self._basedir is None:
             return False
         pid = self._postmaster_pid()
-        return pid is not None and _pid_alive(pid)
+        return pid is not None and pid_alive(pid)
 
     @property
     def postmaster_pid(self) -> int | None:
         """PID of the running postmaster, or ``None``."""
         pid = self._postmaster_pid()
-        return pid if pid is not None and _pid_alive(pid) else None
+        return pid if pid is not None and pid_alive(pid) else None
 
     def cleanup(self) -> None:
         """Stop the server if needed and delete the temporary directory."""
@@ -547,8 +277,7 @@ class TempCluster:
                     shutil.rmtree(self._basedir, ignore_errors=True)
                     self._basedir = None
                     self._port = self._requested_port
-                with _registry_lock:
-                    _live_clusters.discard(self)
+                reaper.unregister(self)
 
     def close(self) -> None:
         """Stop the server and remove every file (idempotent)."""
@@ -640,7 +369,7 @@ class TempCluster:
     def _create(self) -> None:
         """Make the temporary directory and run ``initdb``."""
         bindir = self.bindir  # fail early with a clear message
-        missing = _missing_binaries(bindir)
+        missing = missing_binaries(bindir)
         if missing:
             raise ClusterError(
                 f"{bindir} lacks PostgreSQL binaries: {', '.join(missing)}"
@@ -656,21 +385,20 @@ class TempCluster:
                     f"(useradd -r {_SERVER_USER}) or run as an ordinary user"
                 ) from None
         parent: str | None = None
-        if run_as is not None and not _traversable_by(
+        if run_as is not None and not traversable_by(
             Path(tempfile.gettempdir()), run_as.pw_uid, run_as.pw_gid
         ):
             parent = "/tmp"
         with contextlib.suppress(OSError):
-            _reap_orphans(parent)
-        basedir = Path(tempfile.mkdtemp(prefix="pglisten-fast-", dir=parent))
-        (basedir / _OWNER_FILE).write_text(f"{os.getpid()}\n")
+            reaper.reap_orphans(parent)
+        basedir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+        reaper.write_owner_record(basedir)
         self._basedir = basedir
         self._run_as = run_as
-        with _registry_lock:
-            _live_clusters.add(self)
+        reaper.register(self)
         if run_as is not None:
             os.chown(basedir, run_as.pw_uid, run_as.pw_gid)
-            if not _traversable_by(basedir, run_as.pw_uid, run_as.pw_gid):
+            if not traversable_by(basedir, run_as.pw_uid, run_as.pw_gid):
                 raise ClusterError(
                     f"the {_SERVER_USER!r} user cannot enter {basedir}; "
                     "point TMPDIR at a directory every user can traverse"
@@ -743,7 +471,7 @@ class TempCluster:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + 10
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
     def _start_server(self) -> None:
@@ -766,7 +494,7 @@ class TempCluster:
         if proc.returncode != 0:
             new_log = self._read_log(log_offset)
             pid = self._postmaster_pid()
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 self._kill_postmaster(pid)
             message = (
                 f"could not start PostgreSQL in {self.datadir} on port {self._port} "

@@ -1,0 +1,48 @@
+"""Throwaway PostgreSQL clusters for tests and demos.
+
+:class:`TempCluster` starts a private, disposable PostgreSQL server in a
+temporary directory and removes it afterwards::
+
+    from pglisten_fast.testing import TempCluster
+
+    with TempCluster() as cluster:
+        with cluster.connect() as conn:
+            conn.execute("LISTEN jobs")
+            conn.execute("NOTIFY jobs, 'hello'")
+            print(next(conn.notifies()).payload)  # hello
+        print(cluster.dsn)  # host=127.0.0.1 port=... user=postgres dbname=postgres
+        cluster.restart(mode="immediate")  # crash-like restart, same port and data
+
+The cluster is tuned for speed, not durability (``fsync=off`` and friends),
+listens on ``127.0.0.1`` only and trusts every local connection.  Extra
+server settings can be passed with ``TempCluster(settings={...})``.
+
+What it needs:
+
+* importing this package imports :mod:`psycopg` (a dependency of
+  ``pglisten_fast``) and nothing else outside the standard library; it does
+  not load the compiled core and needs no PostgreSQL server;
+* starting a cluster needs the server binaries (``initdb``, ``pg_ctl``,
+  ``postgres``), found by :func:`find_pg_bindir`.
+
+Every cluster still running when the interpreter exits is stopped and
+removed by an :mod:`atexit` hook, and a new cluster first removes those left
+behind by processes that were killed outright (:mod:`.reaper`).
+
+Parts: :mod:`.bindir` (finding the binaries), :mod:`.cluster`
+(:class:`TempCluster`), :mod:`.reaper` (cleanup).
+"""
+
+from __future__ import annotations
+
+from ._common import ClusterError, StopMode
+from .bindir import BINDIR_ENV_VAR, find_pg_bindir
+from .cluster import TempCluster
+
+__all__ = [
+    "BINDIR_ENV_VAR",
+    "ClusterError",
+    "StopMode",
+    "TempCluster",
+    "find_pg_bindir",
+]
