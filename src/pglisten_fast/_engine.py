@@ -66,6 +66,7 @@ class Engine:
         read (connection state, counters, the first attempt's outcome).
     :param delivery_probes: prove delivery with probes from a second
         session: None behind a pooler only, True always, False never.
+    :param queue_warning: server queue usage (0-1) that logs a warning.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class Engine:
         health_check_timeout: float,
         state: ListenerState,
         delivery_probes: bool | None = None,
+        queue_warning: float = 0.5,
     ) -> None:
         self._source = source
         self._backoff = Backoff(reconnect_delay, max_reconnect_delay)
@@ -95,6 +97,8 @@ class Engine:
         self._book = ChannelBook()
         self._subs = Registry(self._router, self._book)
 
+        self._queue_warning = queue_warning
+        self._queue_high = False
         self._check = DeliveryCheck(source, self.wake, delivery_probes,
                                     health_check_timeout)
 
@@ -419,7 +423,9 @@ class Engine:
             # Anything else (cancelled, out of resources, ...) may pass: the
             # connection is reset and the whole state replayed.
             raise SessionLost(f"{q.kind.value} failed: {msg}")
-        if q.kind is QueryKind.INIT:
+        if q.kind is QueryKind.PING:
+            self._queue_sampled(queries.queue_usage(q.results))
+        elif q.kind is QueryKind.INIT:
             self._session_ready(pid)
         elif q.kind is QueryKind.SYNC:
             self._sync_done(queries.sync_pid(q.results))
@@ -444,6 +450,26 @@ class Engine:
         else:
             self._session_usable()
         self._sync()
+
+    def _queue_sampled(self, usage: float | None) -> None:
+        """Publish the server's queue usage; warn while it is high."""
+        if usage is None:
+            return
+        self._publish(queue_usage=usage)
+        high = usage >= self._queue_warning
+        if high and not self._queue_high:
+            logger.warning(
+                "the server's notification queue is %.1f%% full (warning at "
+                "%g%%): a listener that does not read (a full 'block' "
+                "subscription, a session in a long transaction) holds it back; "
+                "when it is full every NOTIFY in the cluster fails",
+                usage * 100, self._queue_warning * 100,
+                extra={"event": "queue_high", "queue_usage": usage})
+        elif not high and self._queue_high:
+            logger.info("the server's notification queue is back to %.1f%%",
+                        usage * 100,
+                        extra={"event": "queue_normal", "queue_usage": usage})
+        self._queue_high = high
 
     def _session_usable(self) -> None:
         """The session is ready and, if it needed proving, proven."""

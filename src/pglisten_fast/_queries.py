@@ -4,7 +4,8 @@ it reads the answers.
 Three kinds, at most one outstanding at a time: ``INIT`` once per
 connection (switch to UTF-8, learn the backend pid, refuse a hot standby),
 ``SYNC`` for each LISTEN/UNLISTEN batch (with the backend pid again, which
-unmasks a transaction pooler), and ``PING``, the empty health-check query.
+unmasks a transaction pooler), and ``PING``, the health check, which also
+samples the server's notification queue usage.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ __all__ = [
     "first_error",
     "init_sql",
     "is_refusal",
+    "queue_usage",
     "sync_pid",
     "sync_sql",
     "text",
 ]
 
-PING_SQL = b""
+PING_SQL = b"SELECT pg_notification_queue_usage()"
 
 _PRIMARY_HINT = ("point the listener at the primary (e.g. "
                  "target_session_attrs=read-write)")
@@ -114,6 +116,17 @@ def first_error(results: list[pq.abc.PGresult]) -> tuple[str, bytes] | None:
                     f"{_PRIMARY_HINT}")
             return msg, r.error_field(pq.DiagnosticField.SQLSTATE) or b""
     return None
+
+
+def queue_usage(results: list[pq.abc.PGresult]) -> float | None:
+    """The queue usage (0.0 to 1.0) from a health check's answer."""
+    if not results or results[-1].ntuples < 1:
+        return None
+    raw = results[-1].get_value(0, 0)
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 def is_refusal(sqlstate: bytes) -> bool:

@@ -78,6 +78,9 @@ class Listener:
         (which stalls every subscription of this listener and lets the
         backlog grow in the server's notification queue).
 
+    :param queue_warning: the server's notification queue usage (a
+        fraction, sampled by each health check and shown in ``stats``) at
+        which a WARNING is logged; an INFO line follows once it is lower.
     :param delivery_probes: prove that notifications committed by other
         sessions reach the listener, with probes sent from a second session
         (opened from the same source) once LISTEN is in effect and then on
@@ -102,6 +105,7 @@ class Listener:
         buffer_size: int = 16 * 2**20,
         overflow: Overflow = "drop",
         delivery_probes: bool | None = None,
+        queue_warning: float = 0.5,
     ) -> None:
         if not isinstance(conninfo, str):
             raise TypeError(f"conninfo must be a str, got {type(conninfo).__name__}")
@@ -127,6 +131,9 @@ class Listener:
         hc_interval = _positive("health_check_interval", health_check_interval,
                                 zero_ok=True)
         hc_timeout = _positive("health_check_timeout", health_check_timeout)
+        queue_warning = _positive("queue_warning", queue_warning)
+        if queue_warning > 1:
+            raise ValueError(f"queue_warning is a fraction (0-1], got {queue_warning}")
         if delivery_probes not in (None, True, False):
             raise TypeError("delivery_probes must be None, True or False")
         self._buffer_size = round_capacity(buffer_size)
@@ -145,6 +152,7 @@ class Listener:
             health_check_timeout=hc_timeout,
             state=self._shared,
             delivery_probes=delivery_probes,
+            queue_warning=queue_warning,
         )
         # Neither the selector thread nor the subscriptions refer back to
         # this object: once the application drops it, this stops the thread.
