@@ -25,6 +25,7 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <sched.h>
 #include <stdalign.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -53,6 +54,9 @@ struct pglf_ring {
     _Atomic uint32_t producer_waiting;
     _Atomic uint64_t producer_need;
     _Atomic uint32_t closed;
+    /* detaching the producer: see pglf_ring_detach_producer() */
+    _Atomic uint32_t producer_detached;
+    _Atomic uint32_t producer_signalling;
 
     /* read-only after creation */
     alignas(PGLF_LINE) uint64_t capacity;
@@ -247,6 +251,19 @@ void pglf_ring_producer_wait_disarm(pglf_ring *r)
     atomic_store_explicit(&r->producer_waiting, 0, RELAXED);
 }
 
+void pglf_ring_detach_producer(pglf_ring *r)
+{
+    /* Pairs with the seq_cst fetch_add in release_to_producer(): a consumer
+     * either sees the flag and leaves the fd alone, or is counted in
+     * producer_signalling, which is waited out below. */
+    atomic_store_explicit(&r->producer_detached, 1, SEQ_CST);
+    atomic_store_explicit(&r->producer_waiting, 0, RELAXED);
+    /* Acquire pairs with the release fetch_sub there.  The wait covers a
+     * consumer inside a handful of instructions and one write(2). */
+    while (atomic_load_explicit(&r->producer_signalling, ACQUIRE))
+        sched_yield();
+}
+
 void pglf_ring_count_dropped(pglf_ring *r, uint64_t n)
 {
     PGLF_BUMP(r->stat_dropped, n);   /* producer-only counter */
@@ -300,11 +317,21 @@ static void release_to_producer(pglf_ring *r, uint64_t pos)
     /* Acquire pairs with the release store in pglf_ring_producer_wait_arm():
      * producer_need below is the one stored with this flag. */
     if (atomic_load_explicit(&r->producer_waiting, ACQUIRE)) {
-        uint64_t tail = atomic_load_explicit(&r->tail, RELAXED);
-        uint64_t need = atomic_load_explicit(&r->producer_need, RELAXED);
-        if (r->capacity - (tail - pos) >= need &&
-            atomic_exchange_explicit(&r->producer_waiting, 0, RELAXED))
-            pglf_fd_signal(r->producer_wfd);
+        /* Announce the signal before looking at producer_detached: Dekker
+         * handshake with pglf_ring_detach_producer(), so that the producer
+         * never closes producer_wfd while it is being written.  The seq_cst
+         * RMW pairs with the seq_cst store of producer_detached there. */
+        atomic_fetch_add_explicit(&r->producer_signalling, 1, SEQ_CST);
+        if (!atomic_load_explicit(&r->producer_detached, SEQ_CST)) {
+            uint64_t tail = atomic_load_explicit(&r->tail, RELAXED);
+            uint64_t need = atomic_load_explicit(&r->producer_need, RELAXED);
+            if (r->capacity - (tail - pos) >= need &&
+                atomic_exchange_explicit(&r->producer_waiting, 0, RELAXED))
+                pglf_fd_signal(r->producer_wfd);
+        }
+        /* Release pairs with the acquire loads in the detach loop: the fd
+         * write above happens before the producer may close the fd. */
+        atomic_fetch_sub_explicit(&r->producer_signalling, 1, RELEASE);
     }
 }
 

@@ -79,7 +79,7 @@ typedef struct pglf_ring pglf_ring;
  * constant RING_ABI) so that the Python side can refuse a mismatch at
  * import.
  */
-#define PGLF_RING_LAYOUT_VERSION 1u
+#define PGLF_RING_LAYOUT_VERSION 2u
 #define PGLF_RING_ABI                                                       \
     ((uint32_t)(PGLF_RING_LAYOUT_VERSION << 24) |                           \
      (((uint32_t)sizeof(struct pglf_ring) * 29791u /* 31^3 */ +             \
@@ -153,6 +153,12 @@ int pglf_ring_wake_consumer(pglf_ring *r);
 int pglf_ring_producer_wait_arm(pglf_ring *r, size_t need);
 /* Producer: withdraw the announcement (e.g. when giving up). */
 void pglf_ring_producer_wait_disarm(pglf_ring *r);
+/*
+ * Producer: leave the ring for good.  When this returns, no consumer will
+ * signal producer_wfd any more, so the producer may close that fd while
+ * consumers go on draining.  Idempotent.
+ */
+void pglf_ring_detach_producer(pglf_ring *r);
 
 /*
  * Consumer: copy whole records (headers included, PAD records skipped) into

@@ -139,3 +139,84 @@ def test_subscriptions_do_not_keep_their_listener_alive(dsn: str) -> None:
         del listener
     sub.unlisten()           # harmless once the listener is gone
     assert sub.closed
+
+
+# ---------------------------------------------------------------------------
+# descriptors and memory end with stop() / unlisten(), no garbage collector
+# ---------------------------------------------------------------------------
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_stopped_listeners_keep_no_descriptors(dsn: str) -> None:
+    gc.disable()             # prove that nothing waits for the collector
+    try:
+        before = _fds()
+        kept = []
+        for i in range(25):
+            listener = pgl.Listener(dsn).start()
+            subs = [listener.listen(f"fd_{i}_{k}") for k in range(3)]
+            listener.stop()
+            kept.append((listener, subs))     # still referenced
+        assert _fds() == before
+        for _listener, subs in kept:
+            assert all(s.closed for s in subs)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_unlistened_subscriptions_keep_no_descriptors(dsn: str) -> None:
+    gc.disable()
+    try:
+        with pgl.Listener(dsn) as listener:
+            before = _fds()
+            subs = [listen_ready(listener, f"fd_sub_{k}") for k in range(10)]
+            assert _fds() == before + 10        # one wake-up fd each
+            for s in subs:
+                s.unlisten()
+            wait_until(lambda: _fds() == before,
+                       message="every closed subscription's fd is closed")
+    finally:
+        gc.enable()
+
+
+def test_a_closed_subscription_releases_its_memory_once_drained(
+    dsn: str, conn: Conn
+) -> None:
+    with pgl.Listener(dsn) as listener:
+        sub = listen_ready(listener, "memory", buffer_size=2**20)
+        pgl.notify_many(conn, "memory", [f"{i:04d}" + "x" * 1000 for i in range(500)])
+        wait_until(lambda: sub.stats.buffered_bytes > 400_000)
+        sub.unlisten()
+        ring = sub._ring
+        assert not ring.released, "buffered items are still readable"
+        got = sub.get_batch(max_items=1000, timeout=0)
+        assert [n.payload[:4] for n in got] == [f"{i:04d}" for i in range(500)]
+        with pytest.raises(pgl.Closed):
+            sub.get(timeout=0)
+        wait_until(lambda: ring.released, message="the ring's memory is freed")
+        assert sub.stats.delivered == 500     # stats survive the release
+        assert sub.stats.buffered_bytes == 0
+
+
+def test_consumers_blocked_at_stop_wake_up_and_end(dsn: str) -> None:
+    listener = pgl.Listener(dsn).start()
+    sub = listen_ready(listener, "blocked_at_stop")
+    outcome: list[object] = []
+
+    def consume() -> None:
+        try:
+            sub.get()
+        except pgl.Closed as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    listener.stop()
+    t.join(TIMEOUT)
+    assert not t.is_alive() and isinstance(outcome[0], pgl.Closed)
+    wait_until(lambda: sub._ring.released)

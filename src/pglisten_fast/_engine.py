@@ -170,7 +170,12 @@ class Engine:
             while self._commands:
                 specs.append(self._commands.popleft().spec)
             for spec in specs:
+                self._subs.remove(spec)
                 spec.ring.close()
+                spec.ring.detach_producer()
+            # No ring signals this fd any more (each detached above; a ring
+            # made by make_ring() after this point is detached by its maker).
+            self.wake.close()
 
     # ------------------------------------------------------------------
     def _step(self) -> None:

@@ -10,13 +10,20 @@ consumer sleeps on.  Thread roles follow the C contract: ``write`` and the
 ``producer_*`` methods belong to one producer thread, ``drain*`` and
 ``wait*`` to one consumer thread at a time; ``close``, ``used`` and the
 statistics may be called from anywhere.
+
+Release: the memory and the fd go as soon as both sides are done with
+them, without waiting for the garbage collector.  The producer says so
+with :meth:`Ring.detach_producer`; the consumer with :meth:`Ring.retire`
+(no more waits; and, once closed and drained, no more reads).
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import threading
 import weakref
+from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _records
@@ -119,9 +126,13 @@ def round_capacity(size: int) -> int:
 
 
 class WakeFd:
-    """A non-blocking wake-up fd pair: an eventfd on Linux, else a pipe."""
+    """A non-blocking wake-up fd pair: an eventfd on Linux, else a pipe.
 
-    __slots__ = ("__weakref__", "_finalizer", "rfd", "wfd")
+    Once closed, :meth:`signal` does nothing: a late signal can never reach
+    another file that reused the number.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "_lock", "rfd", "wfd")
 
     def __init__(self) -> None:
         if hasattr(os, "eventfd"):
@@ -131,21 +142,32 @@ class WakeFd:
             self.rfd, self.wfd = os.pipe()
             os.set_blocking(self.rfd, False)
             os.set_blocking(self.wfd, False)
+        self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _close_fds, self.rfd, self.wfd)
 
     def signal(self) -> None:
-        """Make the fd readable (safe from any thread)."""
-        lib.pglf_fd_signal(self.wfd)
+        """Make the fd readable (safe from any thread, also after close)."""
+        with self._lock:
+            if self._finalizer.alive:
+                lib.pglf_fd_signal(self.wfd)
 
     def clear(self) -> None:
-        """Consume pending signals without blocking."""
-        lib.pglf_fd_clear(self.rfd)
+        """Consume pending signals without blocking (nothing once closed)."""
+        with self._lock:
+            if self._finalizer.alive:
+                lib.pglf_fd_clear(self.rfd)
 
     def fileno(self) -> int:
         return self.rfd
 
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
     def close(self) -> None:
-        self._finalizer()
+        """Close the fds (idempotent)."""
+        with self._lock:
+            self._finalizer()
 
 
 def _close_fds(rfd: int, wfd: int) -> None:
@@ -171,7 +193,22 @@ class Ring:
         sleeps; by default the ring makes (and closes) its own.
     """
 
-    __slots__ = ("__weakref__", "_finalizer", "_out", "_ptr", "address", "wake")
+    __slots__ = (
+        "__weakref__",
+        "_capacity",
+        "_detached",
+        "_drained",
+        "_final",
+        "_finalizer",
+        "_idle",
+        "_lock",
+        "_out",
+        "_own_wake",
+        "_ptr",
+        "address",
+        "on_detached",
+        "wake",
+    )
 
     def __init__(self, capacity: int, producer_wfd: int = -1,
                  consumer_wake: WakeFd | None = None) -> None:
@@ -184,9 +221,18 @@ class Ring:
             if own:
                 self.wake.close()
             raise MemoryError(f"cannot allocate a ring of {capacity} bytes")
-        self._ptr = ptr
+        self._ptr: object = ptr
         self._out: object = None
         self.address: int = int(ffi.cast("uintptr_t", ptr))
+        self._capacity = int(lib.pglf_ring_capacity(ptr))
+        self._own_wake = own
+        self._lock = threading.Lock()       # guards release against readers
+        self._detached = producer_wfd < 0   # the producer is done
+        self._idle = False                  # the consumer will not wait again
+        self._drained = False               # ... nor read: closed and empty
+        self._final: tuple[int, int, int, int] | None = None
+        #: Called (on the producer's thread) once the producer detached.
+        self.on_detached: Callable[[], None] | None = None
         self._finalizer = weakref.finalize(
             self, _free_ring, ptr, self.wake if own else None
         )
@@ -199,33 +245,86 @@ class Ring:
 
     @property
     def capacity(self) -> int:
-        return int(lib.pglf_ring_capacity(self._ptr))
+        return self._capacity
 
     @property
     def max_payload(self) -> int:
-        return int(lib.pglf_ring_max_payload(self._ptr))
+        with self._lock:
+            return 0 if self._ptr is None else int(lib.pglf_ring_max_payload(self._ptr))
 
     @property
     def used(self) -> int:
-        return int(lib.pglf_ring_used(self._ptr))
+        with self._lock:
+            return 0 if self._ptr is None else int(lib.pglf_ring_used(self._ptr))
 
     @property
     def closed(self) -> bool:
-        return bool(lib.pglf_ring_closed(self._ptr))
+        with self._lock:
+            return self._ptr is None or bool(lib.pglf_ring_closed(self._ptr))
+
+    @property
+    def released(self) -> bool:
+        """The memory is gone (both sides done)."""
+        return self._ptr is None
 
     def close(self) -> None:
         """Mark the ring closed and wake every sleeping consumer (idempotent)."""
-        lib.pglf_ring_close(self._ptr)
+        with self._lock:
+            if self._ptr is not None and not self.wake.closed:
+                lib.pglf_ring_close(self._ptr)
 
     def stats(self) -> tuple[int, int, int, int]:
         """``(written, delivered, dropped, markers)`` counters."""
+        with self._lock:
+            return self._stats_locked()
+
+    def _stats_locked(self) -> tuple[int, int, int, int]:
         p = self._ptr
+        if p is None:
+            assert self._final is not None
+            return self._final
         return (
             int(lib.pglf_ring_stat_written(p)),
             int(lib.pglf_ring_stat_delivered(p)),
             int(lib.pglf_ring_stat_dropped(p)),
             int(lib.pglf_ring_stat_markers(p)),
         )
+
+    # -- release ---------------------------------------------------------
+    def detach_producer(self) -> None:
+        """Producer: done for good (idempotent).
+
+        No consumer signals the producer's fd after this returns, so the
+        producer may close it.  Then :attr:`on_detached` runs, on this thread.
+        """
+        with self._lock:
+            if self._detached:
+                return
+            self._detached = True
+            if self._ptr is not None:
+                lib.pglf_ring_detach_producer(self._ptr)
+            self._release_locked()
+        hook = self.on_detached
+        if hook is not None:
+            hook()
+
+    def retire(self, *, drained: bool) -> None:
+        """Consumer: it will not wait on the fd again; with ``drained`` (the
+        ring is closed and empty) it will not read again either."""
+        with self._lock:
+            self._idle = True
+            self._drained = self._drained or drained
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        if not (self._detached and self._idle):
+            return
+        if self._own_wake:
+            self.wake.close()
+        if self._drained and self._ptr is not None:
+            self._final = self._stats_locked()
+            self._ptr = None
+            self._finalizer()
 
     # -- producer ------------------------------------------------------
     def write(
@@ -282,10 +381,14 @@ class Ring:
         self, channels: tuple[str, ...], max_items: int, encoding: str | None = None
     ) -> list[Notification]:
         """Consume up to ``max_items`` records as :class:`Notification` objects."""
+        if self._drained:
+            return []
         return _records.drain(self.address, channels, max_items, encoding)
 
     def drain_raw(self, max_records: int, out_cap: int = 1 << 20) -> list[RawRecord]:
         """Consume up to ``max_records`` records as :class:`RawRecord` tuples."""
+        if self._drained:
+            return []
         if self._out is None or len(ffi.buffer(self._out)) < out_cap:
             self._out = ffi.new("char[]", out_cap)
         used = ffi.new("size_t *")
@@ -317,11 +420,16 @@ class Ring:
             ms = -1
         else:
             ms = max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
+        if self._idle:
+            return Status.CLOSED
         return Status(lib.pglf_ring_wait(self._ptr, ms))
 
     def consumer_wait_arm(self) -> bool:
         """Announce a sleep; True means records (or close) are already there."""
+        if self._drained:
+            return True
         return bool(lib.pglf_ring_consumer_wait_arm(self._ptr))
 
     def consumer_wait_disarm(self) -> None:
-        lib.pglf_ring_consumer_wait_disarm(self._ptr)
+        if not self._drained:
+            lib.pglf_ring_consumer_wait_disarm(self._ptr)

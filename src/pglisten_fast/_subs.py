@@ -46,7 +46,7 @@ class Registry:
         self._router.wake()
 
     def remove(self, spec: SubSpec) -> None:
-        """Unregister ``spec`` (idempotent) and close its ring."""
+        """Unregister ``spec`` (idempotent), close its ring and let it go."""
         rsub = self._subs.pop(spec, None)
         if rsub is None:
             return
@@ -59,6 +59,9 @@ class Registry:
             else:
                 self._targets.pop(ch, None)
         spec.ring.close()
+        # The router no longer writes it: its fd and memory may go once
+        # the consumer is done too.
+        spec.ring.detach_producer()
 
     def listened(self, channels: Iterable[str]) -> None:
         """LISTEN on ``channels`` took effect: activate every subscription

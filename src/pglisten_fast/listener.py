@@ -285,6 +285,8 @@ class Listener:
                            on_unlisten=lambda: life.unlisten(engine, spec))
         with life.lock:
             if life.phase == "stopped":
+                ring.close()
+                ring.detach_producer()
                 raise Closed("the listener is stopped")
             self._engine.submit(AddSub(spec))
             self._subs.add(sub)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Subscription:
         """
         self._on_unlisten = on_unlisten
         self._created_in = _fork.generation()
+        ring.on_detached = _weak_call(self._try_retire)
         self._channels = channels
         self._ring = ring
         self._overflow: Overflow = overflow
@@ -174,6 +176,12 @@ class Subscription:
                     if self._ring.closed:
                         raise Closed(f"subscription {self._channels!r} is closed")
                     return []
+                if self._ring.closed:
+                    # Never sleep on a closed ring: its fd may be gone.
+                    items = self._take(max_items)
+                    if items:
+                        return items
+                    raise Closed(f"subscription {self._channels!r} is closed")
                 if main and (left is None or left > _MAIN_THREAD_SLICE):
                     left = _MAIN_THREAD_SLICE
                 rc = self._ring.wait(left)
@@ -197,11 +205,23 @@ class Subscription:
         re-arm on the waiters' behalf, and wake them if records are already
         there.  Done under ``_plock``, which a task also holds while it
         registers and tries the lock, so no task can slip between the two.
+
+        Once the subscription is closed and nobody waits, the ring is told
+        so (it then lets its fd go, and its memory once drained).
         """
+        ring = self._ring
         with self._plock:
-            if self._waiters and self._ring.consumer_wait_arm():
-                self._ring.wake.signal()
+            if self._waiters:
+                if ring.consumer_wait_arm():
+                    ring.wake.signal()
+            elif ring.closed:
+                ring.retire(drained=not self._pending and ring.used == 0)
             self._lock.release()
+
+    def _try_retire(self) -> None:
+        """Let the ring go if no consumer is busy (any thread)."""
+        if self._lock.acquire(blocking=False):
+            self._release_consumer()
 
     def get(self, timeout: float | None = None) -> Notification:
         """Return the next notification or marker.
@@ -284,9 +304,12 @@ class Subscription:
             if waiters is None:
                 return
             waiters.discard(fut)
-            if not waiters:
-                del self._waiters[loop]
-                loop.remove_reader(self._ring.wake.rfd)
+            if waiters:
+                return
+            del self._waiters[loop]
+            loop.remove_reader(self._ring.wake.rfd)
+        if self._ring.closed:
+            self._try_retire()
 
     def _async_wake(self, loop: asyncio.AbstractEventLoop) -> None:
         """fd reader callback: wake every task of ``loop`` waiting here."""
@@ -329,6 +352,8 @@ class Subscription:
                 return []
             fut: asyncio.Future[None] = loop.create_future()
             with self._plock:
+                if ring.closed:
+                    continue    # no reader on a closed ring's fd: look again
                 self._async_register(loop, fut)
                 # We armed the ring ourselves, or whoever holds the lock now
                 # re-arms for us when releasing it (_release_consumer); if it
@@ -390,6 +415,7 @@ class Subscription:
             return
         self._ring.close()
         self._on_unlisten()
+        self._try_retire()
 
     close = unlisten
 
@@ -403,3 +429,15 @@ class Subscription:
         tb: TracebackType | None,
     ) -> None:
         self.unlisten()
+
+
+def _weak_call(method: Callable[[], None]) -> Callable[[], None]:
+    """``method`` without keeping its object alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        m = ref()
+        if m is not None:
+            m()
+
+    return call
