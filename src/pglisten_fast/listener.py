@@ -9,6 +9,7 @@ a ``reason="reconnect"`` marker before any new notification.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -26,7 +27,7 @@ from . import _fork
 from ._commands import AddSub, RemoveSub, SubSpec
 from ._connect import SessionLost, connection_source, describe
 from ._engine import Engine
-from ._handlers import start_handler
+from ._handlers import is_async_handler, start_async_handler, start_handler
 from ._names import check_channel
 from ._records import Notification
 from ._ring import round_capacity
@@ -263,11 +264,14 @@ class Listener:
         :param buffer_size: ring size in bytes (default: the listener's).
         :param overflow: ``"drop"`` or ``"block"`` (default: the listener's).
         :param handler: if given, ``handler(notification)`` runs for every item
-            (markers included) on a worker thread of this subscription;
-            exceptions are logged and the worker keeps going.
+            (markers included) on a worker thread of this subscription; an
+            ``async def`` handler runs instead as a task on the event loop
+            that calls ``listen()``, one item at a time.  Exceptions are
+            logged and the handler keeps going.
         :raises ValueError: no channel, an empty/over-long/NUL-containing name,
             or an unknown overflow policy.
-        :raises TypeError: a name is not a ``str``.
+        :raises TypeError: a name is not a ``str``; an async handler outside
+            a running event loop.
         :raises Closed: the listener was stopped.
         """
         self._check()
@@ -278,6 +282,15 @@ class Listener:
         policy = self._overflow if overflow is None else _check_overflow(overflow)
         if handler is not None and not callable(handler):
             raise TypeError("handler must be callable")
+        run_async = handler is not None and is_async_handler(handler)
+        if run_async:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                raise TypeError(
+                    "an async handler runs on the event loop that calls "
+                    "listen(): call listen() from a coroutine, or pass a "
+                    "plain function") from None
         ring = self._engine.make_ring(size)
         spec = SubSpec(names, ring, block=policy == "block")
         life, engine = self._life, self._engine
@@ -290,7 +303,11 @@ class Listener:
                 raise Closed("the listener is stopped")
             self._engine.submit(AddSub(spec))
             self._subs.add(sub)
-            if handler is not None:
+            if run_async:
+                task = start_async_handler(sub, handler, names)  # type: ignore[arg-type]
+                life.tasks.add(task)
+                task.add_done_callback(life.tasks.discard)
+            elif handler is not None:
                 life.handlers = [t for t in life.handlers if t.is_alive()]
                 life.handlers.append(start_handler(sub, handler, names))
         return sub
@@ -336,13 +353,15 @@ class Listener:
 class _Life:
     """A listener's life cycle, shared with its finalizer and subscriptions."""
 
-    __slots__ = ("handlers", "lock", "phase", "thread")
+    __slots__ = ("handlers", "lock", "phase", "tasks", "thread")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.phase = "new"                # new -> running -> stopped
         self.thread: threading.Thread | None = None
         self.handlers: list[threading.Thread] = []
+        # Async handler tasks, kept referenced until done.
+        self.tasks: set[asyncio.Task[None]] = set()
 
     def unlisten(self, engine: Engine, spec: SubSpec) -> None:
         """A subscription was closed by its consumer."""

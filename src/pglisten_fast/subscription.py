@@ -2,13 +2,13 @@
 
 A subscription owns a ring buffer that the Listener's selector thread fills
 (in C, without the GIL) and that consumers read from: ``get``, ``get_batch``,
-iteration, and their asyncio forms.  Several threads or tasks may consume one
+iteration, and their async forms (asyncio, trio, anyio).  Several threads or
+tasks may consume one
 subscription; each notification goes to exactly one of them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import weakref
@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Literal
 
 from . import _fork
+from ._aio import FdWaiters
 from ._records import Notification
 from ._ring import Ring, Status
 from .errors import Closed, Empty, Error
@@ -94,8 +95,8 @@ class Subscription:
         self._plock = threading.Lock()
         # Items taken from the ring but not yet handed out (iteration).
         self._pending: deque[Notification] = deque()
-        # asyncio tasks waiting, per event loop (one fd reader per loop).
-        self._waiters: dict[asyncio.AbstractEventLoop, set[asyncio.Future[None]]] = {}
+        # Async tasks waiting on the ring's fd (asyncio loops, trio).
+        self._waiters = FdWaiters(ring.wake.rfd, self._plock)
 
     # -- properties ------------------------------------------------------
     @property
@@ -283,49 +284,13 @@ class Subscription:
             self._keep(batch[1:])
             yield batch[0]
 
-    # -- asyncio -----------------------------------------------------------
-    def _async_register(
-        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
-    ) -> None:
-        """Register ``fut`` to be woken; caller holds ``_plock``."""
-        waiters = self._waiters.get(loop)
-        if waiters is None:
-            # One reader per loop and fd: add_reader would replace the
-            # callback of another task of the same loop.
-            loop.add_reader(self._ring.wake.rfd, self._async_wake, loop)
-            waiters = self._waiters[loop] = set()
-        waiters.add(fut)
-
-    def _async_unregister(
-        self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None]
-    ) -> None:
-        with self._plock:
-            waiters = self._waiters.get(loop)
-            if waiters is None:
-                return
-            waiters.discard(fut)
-            if waiters:
-                return
-            del self._waiters[loop]
-            loop.remove_reader(self._ring.wake.rfd)
-        if self._ring.closed:
-            self._try_retire()
-
-    def _async_wake(self, loop: asyncio.AbstractEventLoop) -> None:
-        """fd reader callback: wake every task of ``loop`` waiting here."""
-        with self._plock:
-            waiters = self._waiters.pop(loop, set())
-            loop.remove_reader(self._ring.wake.rfd)
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-
+    # -- async (asyncio, trio, anyio) --------------------------------------
     async def _get_many_async(
         self, max_items: int, timeout: float | None
     ) -> list[Notification]:
         _fork.check(self._created_in, "Subscription")
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
+        waiter = self._waiters.waiter()
+        deadline = None if timeout is None else time.monotonic() + timeout
         ring = self._ring
         while True:
             # Never block the event loop on the consumer lock.
@@ -345,37 +310,36 @@ class Subscription:
                         continue  # records (or a close) arrived meanwhile
                 finally:
                     self._release_consumer()
-            left = None if deadline is None else deadline - loop.time()
+            left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 # The wait flag stays armed: at worst one spurious wake-up,
                 # while clearing it could strand another waiter.
                 return []
-            fut: asyncio.Future[None] = loop.create_future()
             with self._plock:
                 if ring.closed:
-                    continue    # no reader on a closed ring's fd: look again
-                self._async_register(loop, fut)
+                    continue    # never wait on a closed ring's fd: look again
+                waiter.register()
                 # We armed the ring ourselves, or whoever holds the lock now
                 # re-arms for us when releasing it (_release_consumer); if it
                 # was released in between, look again.
                 free = contended and self._lock.acquire(blocking=False)
                 if free:
                     self._lock.release()
+                    waiter.unregister()
             if free:
-                self._async_unregister(loop, fut)
                 continue
             try:
-                if left is None:
-                    await fut
-                else:
-                    await asyncio.wait_for(fut, left)
-            except asyncio.TimeoutError:
-                return []
+                if not await waiter.wait(left):
+                    return []
             finally:
-                self._async_unregister(loop, fut)
+                with self._plock:
+                    waiter.unregister()
+                if ring.closed:
+                    self._try_retire()
 
     async def get_async(self, timeout: float | None = None) -> Notification:
-        """Asyncio form of :meth:`get`; cancelling it loses nothing."""
+        """Async form of :meth:`get` (asyncio, trio, anyio); cancelling it
+        loses nothing."""
         items = await self._get_many_async(1, timeout)
         if not items:
             raise Empty(f"no notification within {timeout} s")
@@ -384,28 +348,30 @@ class Subscription:
     async def get_batch_async(
         self, max_items: int = 1024, timeout: float | None = None
     ) -> list[Notification]:
-        """Asyncio form of :meth:`get_batch`."""
+        """Async form of :meth:`get_batch` (asyncio, trio, anyio)."""
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError(f"max_items must be a positive int, got {max_items!r}")
         return await self._get_many_async(max_items, timeout)
 
     def __aiter__(self) -> AsyncIterator[Notification]:
-        return self._aiter()
+        """Yield items as they arrive; ends once closed and drained.
 
-    async def _aiter(self) -> AsyncIterator[Notification]:
-        while True:
-            try:
-                batch = await self._get_many_async(256, None)
-            except Closed:
-                return
-            self._keep(batch[1:])
-            yield batch[0]
-            while True:
-                with self._plock:
-                    if not self._pending:
-                        break
-                    item = self._pending.popleft()
-                yield item
+        A plain async iterator, not an async generator: leaving the loop
+        early needs no finalization, and the batch it holds stays in the
+        subscription for the next reader.
+        """
+        return _AsyncItems(self)
+
+    async def _anext(self) -> Notification:
+        with self._plock:
+            if self._pending:
+                return self._pending.popleft()
+        try:
+            batch = await self._get_many_async(256, None)
+        except Closed:
+            raise StopAsyncIteration from None
+        self._keep(batch[1:])
+        return batch[0]
 
     # -- lifecycle ---------------------------------------------------------
     def unlisten(self) -> None:
@@ -441,3 +407,18 @@ def _weak_call(method: Callable[[], None]) -> Callable[[], None]:
             m()
 
     return call
+
+
+class _AsyncItems:
+    """``async for`` over a subscription."""
+
+    __slots__ = ("_sub",)
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+
+    def __aiter__(self) -> _AsyncItems:
+        return self
+
+    async def __anext__(self) -> Notification:
+        return await self._sub._anext()
