@@ -23,7 +23,7 @@
 typedef struct {
     PyObject_HEAD
     PyObject *channel;   /* str */
-    PyObject *payload;   /* str */
+    PyObject *payload;   /* str, or bytes for payload_type=bytes */
     PyObject *reason;    /* str or None */
     long long dropped;
     int pid;
@@ -31,7 +31,7 @@ typedef struct {
 } NotificationObject;
 
 static PyTypeObject NotificationType;
-static PyObject *str_listen, *str_reconnect, *str_overflow, *str_empty;
+static PyObject *str_listen, *str_reconnect, *str_overflow, *str_empty, *bytes_empty;
 /* Interned attribute names, for the fast path of notification_getattro. */
 static PyObject *name_channel, *name_payload, *name_pid, *name_reset, *name_reason,
     *name_dropped;
@@ -62,10 +62,14 @@ static PyObject *notification_new(PyTypeObject *type, PyObject *args,
     PyObject *channel, *payload = NULL, *reason = Py_None;
     int pid = 0, reset = 0;
     long long dropped = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|UipOL:Notification", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "U|OipOL:Notification", kwlist,
                                      &channel, &payload, &pid, &reset, &reason,
                                      &dropped))
         return NULL;
+    if (payload != NULL && !PyUnicode_Check(payload) && !PyBytes_Check(payload)) {
+        PyErr_SetString(PyExc_TypeError, "payload must be a str or bytes");
+        return NULL;
+    }
     if (reason != Py_None && !PyUnicode_Check(reason)) {
         PyErr_SetString(PyExc_TypeError, "reason must be a str or None");
         return NULL;
@@ -273,7 +277,7 @@ static PyTypeObject NotificationType = {
 /* ------------------------------------------------------------------ */
 
 static PyObject *make_record(const pglf_rec *h, PyObject *channels,
-                             const char *encoding)
+                             const char *encoding, int raw)
 {
     if ((Py_ssize_t)h->chan >= PyTuple_GET_SIZE(channels)) {
         PyErr_SetString(PyExc_RuntimeError, "ring record names an unknown channel");
@@ -282,11 +286,12 @@ static PyObject *make_record(const pglf_rec *h, PyObject *channels,
     const char *body = (const char *)h + PGLF_REC_HDR;
     PyObject *payload;
     if (h->kind == PGLF_KIND_NOTIFY) {
-        payload = decode_payload(body, h->len, encoding);
+        payload = raw ? PyBytes_FromStringAndSize(body, (Py_ssize_t)h->len)
+                      : decode_payload(body, h->len, encoding);
         if (payload == NULL)
             return NULL;
     } else {
-        payload = Py_NewRef(str_empty);
+        payload = Py_NewRef(raw ? bytes_empty : str_empty);
     }
     NotificationObject *n = notification_alloc();
     if (n == NULL) {
@@ -323,11 +328,13 @@ static PyObject *make_record(const pglf_rec *h, PyObject *channels,
 }
 
 PyDoc_STRVAR(drain_doc,
-             "drain(ring_address, channels, max_items, encoding=None) -> list\n\n"
+             "drain(ring_address, channels, max_items, encoding=None, raw=False)"
+             " -> list\n\n"
              "Consume up to max_items records from the ring at ring_address and "
              "return them as Notification objects.  channels maps record "
              "channel indices to str; encoding is a Python codec name, None for "
-             "UTF-8.  The caller must be the ring's only consumer.");
+             "UTF-8; raw=True gives payloads as bytes, undecoded.  The caller "
+             "must be the ring's only consumer.");
 
 static PyObject *records_drain(PyObject *self, PyObject *args)
 {
@@ -336,8 +343,9 @@ static PyObject *records_drain(PyObject *self, PyObject *args)
     PyObject *channels;
     Py_ssize_t max_items;
     const char *encoding = NULL;
-    if (!PyArg_ParseTuple(args, "KO!n|z:drain", &addr, &PyTuple_Type, &channels,
-                          &max_items, &encoding))
+    int raw = 0;
+    if (!PyArg_ParseTuple(args, "KO!n|zp:drain", &addr, &PyTuple_Type, &channels,
+                          &max_items, &encoding, &raw))
         return NULL;
     if (addr == 0) {
         PyErr_SetString(PyExc_ValueError, "null ring");
@@ -362,7 +370,7 @@ static PyObject *records_drain(PyObject *self, PyObject *args)
     for (Py_ssize_t n = 0; n < count; n++) {
         uint64_t before = pos;
         const pglf_rec *h = pglf_ring_peek(r, &pos);
-        PyObject *item = make_record(h, channels, encoding);
+        PyObject *item = make_record(h, channels, encoding, raw);
         if (item == NULL) {
             /* Leave the failed record in the ring; hand out the ones before
              * (the list is cut first: only what is handed out is consumed). */
@@ -426,6 +434,7 @@ PyMODINIT_FUNC PyInit__records(void)
     str_reconnect = PyUnicode_InternFromString("reconnect");
     str_overflow = PyUnicode_InternFromString("overflow");
     str_empty = PyUnicode_InternFromString("");
+    bytes_empty = PyBytes_FromStringAndSize(NULL, 0);
     name_channel = PyUnicode_InternFromString("channel");
     name_payload = PyUnicode_InternFromString("payload");
     name_pid = PyUnicode_InternFromString("pid");
@@ -433,7 +442,7 @@ PyMODINIT_FUNC PyInit__records(void)
     name_reason = PyUnicode_InternFromString("reason");
     name_dropped = PyUnicode_InternFromString("dropped");
     if (!str_listen || !str_reconnect || !str_overflow || !str_empty ||
-        !name_channel || !name_payload || !name_pid || !name_reset ||
+        !bytes_empty || !name_channel || !name_payload || !name_pid || !name_reset ||
         !name_reason || !name_dropped)
         return NULL;
     PyObject *m = PyModule_Create(&records_module);

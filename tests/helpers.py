@@ -55,7 +55,7 @@ def expect_marker(
     n = sub.get(timeout=timeout)
     assert n.connection_reset, f"expected a {reason!r} marker, got {n!r}"
     assert n.reason == reason, n
-    assert n.payload == ""
+    assert n.payload == (b"" if sub.payload_type is bytes else "")
     assert n.pid == 0
     assert n.dropped == 0
     if channel is not None:

@@ -87,8 +87,8 @@ def test_notification_constructor_errors() -> None:
         Notification(b"chan")  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Notification(5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        Notification("c", b"payload")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # str, or bytes for payload_type=bytes
+        Notification("c", 42)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         Notification()  # type: ignore[call-arg]
     with pytest.raises(TypeError):

@@ -13,7 +13,12 @@ class Notification:
         """Channel the notification was sent on."""
     @property
     def payload(self) -> str:
-        """Payload decoded with the client encoding; "" on markers."""
+        """Payload decoded with the client encoding; "" on markers.
+
+        On subscriptions made with ``payload_type=bytes`` this is ``bytes``
+        (undecoded; b"" on markers): type checkers see ``str``, use
+        ``typing.cast(bytes, n.payload)`` there.
+        """
     @property
     def pid(self) -> int:
         """Process id of the sending backend; 0 on markers."""
@@ -29,7 +34,7 @@ class Notification:
     def __init__(
         self,
         channel: str,
-        payload: str = "",
+        payload: str | bytes = "",
         pid: int = 0,
         connection_reset: bool = False,
         reason: str | None = None,
@@ -46,5 +51,6 @@ def drain(
     channels: tuple[str, ...],
     max_items: int,
     encoding: str | None = None,
+    raw: bool = False,
     /,
 ) -> list[Notification]: ...

@@ -378,12 +378,18 @@ class Ring:
 
     # -- consumer ------------------------------------------------------
     def drain(
-        self, channels: tuple[str, ...], max_items: int, encoding: str | None = None
+        self,
+        channels: tuple[str, ...],
+        max_items: int,
+        encoding: str | None = None,
+        raw: bool = False,
     ) -> list[Notification]:
-        """Consume up to ``max_items`` records as :class:`Notification` objects."""
+        """Consume up to ``max_items`` records as :class:`Notification` objects
+        (payloads decoded with ``encoding``, UTF-8 by default, or ``bytes``
+        with ``raw``)."""
         if self._drained:
             return []
-        return _records.drain(self.address, channels, max_items, encoding)
+        return _records.drain(self.address, channels, max_items, encoding, raw)
 
     def drain_raw(self, max_records: int, out_cap: int = 1 << 20) -> list[RawRecord]:
         """Consume up to ``max_records`` records as :class:`RawRecord` tuples."""

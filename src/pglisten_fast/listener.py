@@ -256,6 +256,7 @@ class Listener:
         buffer_size: int | None = None,
         overflow: Overflow | None = None,
         handler: Callable[[Notification], object] | None = None,
+        payload_type: type[str] | type[bytes] = str,
     ) -> Subscription:
         """Subscribe to one or more channels; returns at once.
 
@@ -268,6 +269,9 @@ class Listener:
             ``async def`` handler runs instead as a task on the event loop
             that calls ``listen()``, one item at a time.  Exceptions are
             logged and the handler keeps going.
+        :param payload_type: ``str`` (the default: payloads decoded) or
+            ``bytes`` (payloads undecoded, e.g. for binary protocols or
+            SQL_ASCII databases; markers then carry ``b""``).
         :raises ValueError: no channel, an empty/over-long/NUL-containing name,
             or an unknown overflow policy.
         :raises TypeError: a name is not a ``str``; an async handler outside
@@ -280,6 +284,8 @@ class Listener:
         names = tuple(dict.fromkeys(check_channel(c) for c in channels))
         size = self._buffer_size if buffer_size is None else round_capacity(buffer_size)
         policy = self._overflow if overflow is None else _check_overflow(overflow)
+        if payload_type is not str and payload_type is not bytes:
+            raise TypeError(f"payload_type must be str or bytes, got {payload_type!r}")
         if handler is not None and not callable(handler):
             raise TypeError("handler must be callable")
         run_async = handler is not None and is_async_handler(handler)
@@ -295,7 +301,8 @@ class Listener:
         spec = SubSpec(names, ring, block=policy == "block")
         life, engine = self._life, self._engine
         sub = Subscription(names, ring, policy,
-                           on_unlisten=lambda: life.unlisten(engine, spec))
+                           on_unlisten=lambda: life.unlisten(engine, spec),
+                           payload_type=payload_type)
         with life.lock:
             if life.phase == "stopped":
                 ring.close()

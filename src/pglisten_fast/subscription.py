@@ -64,6 +64,7 @@ class Subscription:
         "_overflow",
         "_pending",
         "_plock",
+        "_raw",
         "_ring",
         "_waiters",
     )
@@ -74,6 +75,7 @@ class Subscription:
         ring: Ring,
         overflow: Overflow,
         on_unlisten: Callable[[], None],
+        payload_type: type[str] | type[bytes] = str,
     ) -> None:
         """
         :param channels: the channels, already checked.
@@ -81,11 +83,13 @@ class Subscription:
             it ends the subscription (the listener does so on ``stop()``).
         :param overflow: the ring's overflow policy (for display).
         :param on_unlisten: tells the listener to stop routing here.
+        :param payload_type: ``str`` (decoded) or ``bytes`` (undecoded).
         """
         self._on_unlisten = on_unlisten
         self._created_in = _fork.generation()
         ring.on_detached = _weak_call(self._try_retire)
         self._channels = channels
+        self._raw = payload_type is bytes
         self._ring = ring
         self._overflow: Overflow = overflow
         # Serialises consumers: the ring has a single consumer side.  A
@@ -103,6 +107,11 @@ class Subscription:
     def channels(self) -> tuple[str, ...]:
         """The channels of this subscription, in the order given to ``listen``."""
         return self._channels
+
+    @property
+    def payload_type(self) -> type[str] | type[bytes]:
+        """``str`` (payloads decoded) or ``bytes`` (undecoded)."""
+        return bytes if self._raw else str
 
     @property
     def overflow(self) -> Overflow:
@@ -151,9 +160,10 @@ class Subscription:
                 else:
                     out = [pending.popleft() for _ in range(max_items)]
             if len(out) < max_items:
-                out += self._ring.drain(self._channels, max_items - len(out))
+                out += self._ring.drain(self._channels, max_items - len(out),
+                                        None, self._raw)
             return out
-        return self._ring.drain(self._channels, max_items)
+        return self._ring.drain(self._channels, max_items, None, self._raw)
 
     def _get_many(self, max_items: int, timeout: float | None) -> list[Notification]:
         """Wait up to ``timeout`` for the first item, then take what is ready.
