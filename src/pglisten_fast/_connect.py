@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -25,6 +24,8 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
+from ._log import fields, logger
+
 __all__ = [
     "HEALTHY_AFTER",
     "Backoff",
@@ -36,7 +37,6 @@ __all__ = [
     "describe",
 ]
 
-logger = logging.getLogger("pglisten_fast")
 
 #: A connection that stayed up this long resets the reconnect backoff.
 HEALTHY_AFTER = 10.0
@@ -133,7 +133,8 @@ def _close(conn: Any) -> None:
     try:
         conn.close()
     except Exception:  # pragma: no cover - closing a broken connection
-        logger.debug("error closing a connection", exc_info=True)
+        logger.debug("error closing a connection", exc_info=True,
+                     extra=fields("close_failed"))
 
 
 def _quietly(release: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -143,7 +144,8 @@ def _quietly(release: Callable[[Any], None]) -> Callable[[Any], None]:
         try:
             release(conn)
         except Exception:
-            logger.warning("error while closing a connection", exc_info=True)
+            logger.warning("error while closing a connection", exc_info=True,
+                           extra=fields("close_failed"))
 
     return release_quietly
 

@@ -23,7 +23,6 @@ and their answers in :mod:`._queries`, connection sources and backoff in
 
 from __future__ import annotations
 
-import logging
 import select
 import signal
 import time
@@ -43,6 +42,7 @@ from ._connect import (
     Source,
     describe,
 )
+from ._log import fields, logger
 from ._probe import DeliveryCheck
 from ._queries import Query, QueryKind
 from ._readpath import ReadPath, open_read_path
@@ -53,7 +53,6 @@ from ._subs import Registry
 
 __all__ = ["Engine"]
 
-logger = logging.getLogger("pglisten_fast")
 
 #: Deadline allowance for very large LISTEN batches, per statement.
 _SECONDS_PER_STATEMENT = 1e-4
@@ -145,11 +144,12 @@ class Engine:
                 try:
                     self._step()
                 except SessionLost as e:
-                    self._lost(str(e))
+                    self._lost(str(e), e.__cause__)
                 except Exception as e:
                     logger.exception("unexpected error in the selector "
-                                     "thread; resetting the connection")
-                    self._lost(f"internal error: {e!r}")
+                                     "thread; resetting the connection",
+                                     extra=self._fields("internal_error", error=e))
+                    self._lost(f"internal error: {e!r}", e)
         finally:
             self.teardown()
 
@@ -250,7 +250,9 @@ class Engine:
         delay = self._backoff.next()
         self._next_connect = time.monotonic() + delay
         logger.warning("connection attempt failed (%s); "
-                       "retrying in %.2f s", msg, delay)
+                       "retrying in %.2f s", msg, delay,
+                       extra=self._fields("connect_failed", error=err,
+                                          retry_delay=delay))
 
     def _report_first(self, err: BaseException | None) -> bool:
         """Report the outcome of the first attempt; False: stop retrying."""
@@ -340,7 +342,8 @@ class Engine:
             if flags & RunFlag.BLOCKED and not self._blocked_logged:
                 self._blocked_logged = True
                 logger.info("a subscription with overflow='block' is "
-                            "full; reading paused until its consumer catches up")
+                            "full; reading paused until its consumer catches up",
+                            extra=self._fields("block_paused"))
             if flags & RunFlag.RESULT:
                 nxt |= self._collect()
             if flags & RunFlag.TIMEOUT:
@@ -448,7 +451,8 @@ class Engine:
                 logger.info(
                     "connected through a connection pooler (client-side pid "
                     "%d, server backend pid %d); proving delivery before "
-                    "queueing markers", client_pid, pid)
+                    "queueing markers", client_pid, pid,
+                    extra=self._fields("pooler_detected"))
             if not self._check.registered:
                 self._check.registered = True
                 self._subs.add(self._check.spec, lambda ch: False)
@@ -469,12 +473,18 @@ class Engine:
                 "subscription, a session in a long transaction) holds it back; "
                 "when it is full every NOTIFY in the cluster fails",
                 usage * 100, self._queue_warning * 100,
-                extra={"event": "queue_high", "queue_usage": usage})
+                extra=self._fields("queue_high", queue_usage=usage))
         elif not high and self._queue_high:
             logger.info("the server's notification queue is back to %.1f%%",
                         usage * 100,
-                        extra={"event": "queue_normal", "queue_usage": usage})
+                        extra=self._fields("queue_normal", queue_usage=usage))
         self._queue_high = high
+
+    def _fields(self, event: str, error: BaseException | None = None,
+                **values: object) -> dict[str, object]:
+        """Structured log fields, with the backend pid while connected."""
+        return fields(event, backend_pid=self._server_pid if self._ready else None,
+                      error_class=_class(error), **values)
 
     def _session_usable(self) -> None:
         """The session is ready and, if it needed proving, proven."""
@@ -483,7 +493,8 @@ class Engine:
         self._publish(connected=True, backend_pid=pid,
                       connect=True, reconnect=self._ever_connected)
         self._ever_connected = True
-        logger.info("connected (backend pid %d)", pid)
+        logger.info("connected (backend pid %d)", pid,
+                    extra=self._fields("connected"))
         self._report_first(None)
 
     def _probe_arrived(self) -> bool:
@@ -494,7 +505,7 @@ class Engine:
         if not self._check.proven:
             self._check.proven = True
             logger.info("delivery from other sessions proven (backend pid %s)",
-                        self._server_pid)
+                        self._server_pid, extra=self._fields("delivery_proven"))
             self._subs.listened(self._book.confirmed)
             self._session_usable()
         return True
@@ -523,7 +534,8 @@ class Engine:
             check.send(time.monotonic())
         if batch.listen or batch.unlisten:
             logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
-                         len(batch.listen), len(batch.unlisten))
+                         len(batch.listen), len(batch.unlisten),
+                         extra=self._fields("listen_synced"))
         self._sync()
 
     def _sync_refused(self, msg: str) -> None:
@@ -537,13 +549,15 @@ class Engine:
         ch = self._book.refuse()
         if ch is not None:
             reason = f"LISTEN {ch!r} refused by the server: {msg}"
-            logger.error("%s; closing its subscriptions", reason)
+            logger.error("%s; closing its subscriptions", reason,
+                         extra=self._fields("listen_refused", channel=ch))
             self._publish(last_error=reason)
             for spec in self._subs.on_channel(ch):
                 self._remove(spec)
         else:
             logger.warning("LISTEN/UNLISTEN batch refused by the server (%s); "
-                           "retrying channel by channel", msg)
+                           "retrying channel by channel", msg,
+                           extra=self._fields("listen_batch_refused"))
         self._sync()
 
     def _sync(self) -> None:
@@ -585,8 +599,9 @@ class Engine:
         self._book.reset()
         self._source.release(conn)
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, error: BaseException | None = None) -> None:
         reason = " ".join(reason.split())  # libpq's messages span lines
+        pid = self._server_pid if self._ready else None
         was_connected = self._conn is not None
         lived = time.monotonic() - self._connected_at if was_connected else 0.0
         ready = self._usable
@@ -603,4 +618,10 @@ class Engine:
         delay = self._backoff.next()
         self._next_connect = time.monotonic() + delay
         logger.warning("connection lost (%s); reconnecting in %.2f s",
-                       reason, delay)
+                       reason, delay,
+                       extra=fields("connection_lost", backend_pid=pid,
+                                    retry_delay=delay, error_class=_class(error)))
+
+
+def _class(error: BaseException | None) -> str | None:
+    return None if error is None else type(error).__name__

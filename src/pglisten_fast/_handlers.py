@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import threading
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 
+from ._log import fields, logger
 from ._records import Notification
 
 __all__ = ["is_async_handler", "start_async_handler", "start_handler"]
 
-logger = logging.getLogger("pglisten_fast")
 
 
 def start_handler(
@@ -38,7 +37,8 @@ def start_handler(
                 handler(n)
             except Exception:
                 logger.exception("handler %r raised on %r; it keeps running",
-                                 handler, n)
+                                 handler, n,
+                                 extra=fields("handler_error", channel=n.channel))
 
     name = f"pglisten-fast-handler-{','.join(channels)[:40]}"
     t = threading.Thread(target=run, name=name, daemon=True)
@@ -76,7 +76,8 @@ def start_async_handler(
                 await handler(n)
             except Exception:
                 logger.exception("handler %r raised on %r; it keeps running",
-                                 handler, n)
+                                 handler, n,
+                                 extra=fields("handler_error", channel=n.channel))
 
     return loop.create_task(
         run(), name=f"pglisten-fast-handler-{','.join(channels)[:40]}")

@@ -19,7 +19,6 @@ the second session stays open while the listener is pooled.
 
 from __future__ import annotations
 
-import logging
 import secrets
 import threading
 import time
@@ -29,11 +28,11 @@ from typing import Any
 
 from ._commands import SubSpec
 from ._connect import SessionLost, Source, describe
+from ._log import fields, logger
 from ._ring import MIN_CAPACITY, Ring, WakeFd
 
 __all__ = ["DeliveryCheck", "Prober", "probe_channel"]
 
-logger = logging.getLogger("pglisten_fast")
 
 
 def probe_channel() -> str:
@@ -100,7 +99,9 @@ class Prober:
                 conn.execute("SELECT pg_notify(%s, %s)", (self.channel, token),
                              prepare=False)
             except Exception as e:
-                logger.debug("delivery probe failed", exc_info=True)
+                logger.debug("delivery probe failed", exc_info=True,
+                             extra=fields("probe_failed",
+                                          error_class=type(e).__name__))
                 with self._cv:
                     self._error = describe(e)
                 if conn is not None:
@@ -170,7 +171,7 @@ class DeliveryCheck:
         self.deadline = None
         logger.debug("delivery probe arrived after %.1f ms",
                      (time.monotonic() - self._sent_at) * 1000,
-                     extra={"event": "probe_arrived"})
+                     extra=fields("probe_arrived"))
         return True
 
     def overdue(self, now: float) -> bool:

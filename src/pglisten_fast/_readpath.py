@@ -22,7 +22,6 @@ path; forcing ``c`` when it cannot be proven safe raises
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import select
 import time
@@ -32,12 +31,12 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import pq
 
+from ._log import fields, logger
 from ._pglf import ffi, lib
 from ._router import Router, RunFlag
 
 __all__ = ["IMPL", "IMPL_ENV", "REASON", "ReadPath", "check_c_path", "open_read_path"]
 
-logger = logging.getLogger("pglisten_fast")
 
 IMPL_ENV = "PGLISTEN_FAST_IMPL"
 
@@ -100,7 +99,8 @@ def _select() -> tuple[str, str | None]:
         return "c", None
     if forced == "c":
         raise ImportError(f"{IMPL_ENV}=c, but the C read path is unsafe: {why}")
-    logger.warning("using the Python read path (%s)", why)
+    logger.warning("using the Python read path (%s)", why,
+                   extra=fields("read_path"))
     return "python", why
 
 

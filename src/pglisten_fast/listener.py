@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import math
 import threading
 import time
@@ -37,7 +36,6 @@ from .subscription import Overflow, Subscription
 
 __all__ = ["Listener", "ListenerStats", "start_listener"]
 
-logger = logging.getLogger("pglisten_fast")
 
 _OVERFLOW_POLICIES = ("drop", "block")
 
