@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ("tests.fix_db", "tests.fix_proxy")
+pytest_plugins = ("tests.fix_db", "tests.fix_proxy", "tests.fix_pgbouncer")
