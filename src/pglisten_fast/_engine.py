@@ -389,11 +389,15 @@ class Engine:
                                   f"{self._hc_timeout:g} s")
             return
         if self._hc_interval > 0:
-            self._send(queries.PING_SQL, QueryKind.PING)
             if self._check.active and not self._check.pending:
                 # Behind a pooler, a live connection is not enough: prove
-                # that notifications still reach this session.
+                # that notifications still reach this session.  No query of
+                # ours runs meanwhile (a transaction pooler would link the
+                # session to us for it, and the probe could slip through);
+                # the ping follows the probe.
                 self._check.send(now)
+            elif not self._check.pending:
+                self._send(queries.PING_SQL, QueryKind.PING)
 
     def _collect(self) -> RunFlag:
         """Collect results of the outstanding query; returns read-path flags."""
@@ -433,6 +437,8 @@ class Engine:
             raise SessionLost(f"{q.kind.value} failed: {msg}")
         if q.kind is QueryKind.PING:
             self._queue_sampled(queries.queue_usage(q.results))
+            # LISTENs requested while the ping was out go now.
+            self._sync()
         elif q.kind is QueryKind.INIT:
             self._session_ready(pid)
         elif q.kind is QueryKind.SYNC:
@@ -508,6 +514,10 @@ class Engine:
                         self._server_pid, extra=self._fields("delivery_proven"))
             self._subs.listened(self._book.confirmed)
             self._session_usable()
+        # Queries held back while the probe was out.
+        self._sync()
+        if self._query is None and self._hc_interval > 0:
+            self._send(queries.PING_SQL, QueryKind.PING)
         return True
 
     def _sync_done(self, pid: int) -> None:
@@ -563,6 +573,10 @@ class Engine:
     def _sync(self) -> None:
         """Send every pending LISTEN/UNLISTEN in one round trip."""
         if not self._ready or self._query is not None or self._conn is None:
+            return
+        if self._check.pending:
+            # No query while a probe is out (see _timeout); sent when it
+            # arrives.
             return
         if self._router.blocked:
             # Its answer could not be read until a "block" consumer catches

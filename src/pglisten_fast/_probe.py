@@ -93,11 +93,16 @@ class Prober:
                     break
                 token = self._tokens.popleft()
             try:
-                if conn is None:
-                    conn = self._source.connect()
-                    conn.autocommit = True
-                conn.execute("SELECT pg_notify(%s, %s)", (self.channel, token),
-                             prepare=False)
+                try:
+                    conn = self._send(conn, token)
+                except Exception:
+                    if conn is None:
+                        raise
+                    # The kept session may have gone stale (a pooler or
+                    # server restart): one more try on a new one.
+                    self._source.release(conn)
+                    conn = None
+                    conn = self._send(None, token)
             except Exception as e:
                 logger.debug("delivery probe failed", exc_info=True,
                              extra=fields("probe_failed",
@@ -110,6 +115,25 @@ class Prober:
                 self._wake()
         if conn is not None:
             self._source.release(conn)
+
+    def _send(self, conn: Any, token: str) -> Any:
+        """Send one probe, opening the session if needed; returns it.
+
+        A session opened here and failing at once is released here.
+        """
+        fresh = conn is None
+        if fresh:
+            conn = self._source.connect()
+        try:
+            if fresh:
+                conn.autocommit = True
+            conn.execute("SELECT pg_notify(%s, %s)", (self.channel, token),
+                         prepare=False)
+        except Exception:
+            if fresh:
+                self._source.release(conn)
+            raise
+        return conn
 
 
 class DeliveryCheck:
