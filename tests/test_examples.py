@@ -11,7 +11,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +21,10 @@ from typing import Any
 
 import psycopg
 import pytest
+
+import pglisten_fast as pgl
+
+from .helpers import Worker, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -64,6 +70,12 @@ EXPECTED: dict[str, list[str]] = {
         "client: reload (reconnect), ",
         "sent while down is in it: yes",
         "health: connected=True, reconnects=1",
+    ],
+    "reconcile_worker.py": [
+        "(marker (listen)): added while stopped 0",
+        ": with notify 2",
+        "(reconcile): without notify 1",
+        "8 tasks, each processed once: yes; OK",
     ],
 }
 
@@ -259,3 +271,111 @@ def test_fastapi_app_sends_a_slow_client_a_reload_instead_of_a_backlog(
             {"id": i, "body": f"item {i}"} for i in range(2, 5)],
     }
     assert messages[1:] == [{"type": "item", "item": {"id": 5, "body": "item 5"}}]
+
+
+# -- examples/reconcile_worker.py -----------------------------------------------
+@pytest.fixture
+def reconcile() -> ModuleType:
+    return load_example("reconcile_worker.py")
+
+
+class Processed:
+    """A thread-safe record of what the workers' handlers were called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, task_id: int, body: str, how: str) -> None:
+        with self._lock:
+            self.calls.append((task_id, how))
+
+    def how(self, task_id: int) -> str | None:
+        with self._lock:
+            return next((h for i, h in self.calls if i == task_id), None)
+
+    def done(self, ids: list[int]) -> bool:
+        return all(self.how(i) is not None for i in ids)
+
+
+def start_worker(
+    reconcile: ModuleType, dsn: str, processed: Processed, every: float
+) -> tuple[Any, Worker]:
+    worker = reconcile.ReconcileWorker(dsn, reconcile_every=every, handle=processed)
+    return worker, Worker(worker.run, name="reconcile-worker")
+
+
+def test_reconcile_worker_processes_every_row_once(
+    reconcile: ModuleType, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    reconcile.ensure_schema(dsn)
+    processed = Processed()
+    add = reconcile.add_task
+
+    # Added while no worker runs: their NOTIFYs are lost; the first marker
+    # of the next worker picks them up.
+    offline = [add(conn, f"offline {i}") for i in range(3)]
+    worker, thread = start_worker(reconcile, dsn, processed, every=3600)
+    wait_until(lambda: processed.done(offline))
+    assert {processed.how(i) for i in offline} == {"marker (listen)"}
+
+    # With a NOTIFY: processed at once (no periodic pass for an hour).
+    hinted = [add(conn, f"hinted {i}") for i in range(5)]
+    wait_until(lambda: processed.done(hinted))
+    assert {processed.how(i) for i in hinted} == {"notify"}
+    worker.stop()
+    thread.join()
+
+    # Stopped again; then two workers share the table with SKIP LOCKED.
+    offline2 = [add(conn, f"offline again {i}") for i in range(50)]
+    workers = [start_worker(reconcile, dsn, processed, every=0.3) for _ in range(2)]
+    wait_until(lambda: processed.done(offline2))
+    wait_until(lambda: all(w.full_passes for w, _ in workers))  # "listen" passes
+
+    # Without any NOTIFY (a sender that crashed after COMMIT): processed by
+    # the periodic pass.
+    silent = [add(conn, f"silent {i}", notify=False) for i in range(5)]
+    wait_until(lambda: processed.done(silent))
+    assert {processed.how(i) for i in silent} == {"reconcile"}
+    mixed = [add(conn, f"mixed {i}", notify=i % 2 == 0) for i in range(40)]
+    wait_until(lambda: processed.done(mixed))
+    for w, t in workers:
+        w.stop()
+        t.join()
+
+    mine = offline + hinted + offline2 + silent + mixed
+    counts = Counter(i for i, _ in processed.calls if i in set(mine))
+    assert counts == dict.fromkeys(mine, 1), "a task was processed twice"
+    row = conn.execute(
+        "SELECT count(*) FROM reconcile_tasks WHERE id = ANY(%s) AND done_at IS NULL",
+        (mine,),
+    ).fetchone()
+    assert row == (0,)
+
+
+def test_reconcile_worker_retries_a_failed_batch_on_the_next_pass(
+    reconcile: ModuleType, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    reconcile.ensure_schema(dsn)
+    processed = Processed()
+    failures = {"left": 1}
+
+    def flaky(task_id: int, body: str, how: str) -> None:
+        if body == "flaky" and failures["left"]:
+            failures["left"] -= 1
+            raise RuntimeError("handler failed")
+        processed(task_id, body, how)
+
+    worker = reconcile.ReconcileWorker(dsn, reconcile_every=3600, handle=flaky)
+    thread = Worker(worker.run, name="reconcile-worker")
+    try:
+        wait_until(lambda: worker.full_passes == 1)  # LISTEN is in effect
+        task = reconcile.add_task(conn, "flaky")
+        wait_until(lambda: failures["left"] == 0)  # the NOTIFY's try failed...
+        pgl.notify(conn, reconcile.CHANNEL, "*")   # ...a forced full pass
+        wait_until(lambda: processed.done([task]))
+        assert processed.how(task) == "reconcile"
+        assert worker.full_passes == 2
+    finally:
+        worker.stop()
+        thread.join()
