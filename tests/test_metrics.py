@@ -259,8 +259,14 @@ def test_prometheus_several_listeners_share_a_registry(dsn: str) -> None:
     collector.unregister()
     other.unregister()
     assert scrape(registry) == {}
-    # Unregistered, the next registration starts afresh.
-    assert register_prometheus(b, registry) is not collector
+    # Unregistered, the next registration starts afresh...
+    again = register_prometheus(b, registry)
+    assert again is not collector
+    assert scrape(registry)["pglisten_fast_connected", frozenset()] == 0
+    # ...also when the registry was told directly.
+    registry.unregister(again)
+    assert register_prometheus(a, registry) is not again
+    assert scrape(registry)["pglisten_fast_connected", frozenset()] == 0
     a.stop()
     b.stop()
     assert all(sub.closed for sub in subs)

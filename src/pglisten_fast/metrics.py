@@ -356,6 +356,20 @@ def _forget_collector(registry: Any, collector: PrometheusCollector) -> None:
             del by_ns[collector.namespace]
 
 
+def _still_registered(registry: CollectorRegistry, collector: Any) -> bool:
+    """False if someone called ``registry.unregister(collector)`` directly.
+
+    Registering it again is the public way to ask: the registry refuses a
+    collector whose metric names it already holds.
+    """
+    try:
+        registry.register(collector)
+    except ValueError:
+        return True
+    registry.unregister(collector)
+    return False
+
+
 def register_prometheus(
     listener: Listener,
     registry: CollectorRegistry | None = None,
@@ -382,7 +396,7 @@ def register_prometheus(
     with _collectors_lock:
         by_ns = _collectors.setdefault(registry, {})
         collector = by_ns.get(namespace)
-        if collector is not None:
+        if collector is not None and _still_registered(registry, collector):
             collector.add(listener, name=name)
             return collector
         collector = PrometheusCollector(listener, namespace=namespace, name=name)
