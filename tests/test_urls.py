@@ -201,3 +201,13 @@ def test_a_multi_host_url_connects(dsn: str) -> None:
         url += f"&password={quote(str(params['password']), safe='')}"
     with psycopg.connect(libpq_conninfo(url)) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_listener_takes_a_sqlalchemy_url(dsn: str) -> None:
+    import pglisten_fast as pgl
+
+    url = _sqlalchemy_url(dsn, "asyncpg")
+    with pgl.Listener(url) as listener:
+        assert listener.connected
+    with pytest.raises(ValueError, match="not a PostgreSQL URL"):
+        pgl.Listener("mysql+pymysql://u@h/db")

@@ -25,6 +25,7 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict
 
 from ._log import fields, logger
+from ._urls import libpq_conninfo
 
 __all__ = [
     "HEALTHY_AFTER",
@@ -100,6 +101,7 @@ def connection_source(
             return conn
 
         return Source(checked_connect, _close, timeout)
+    conninfo = libpq_conninfo(conninfo)   # SQLAlchemy-style URLs too
     try:
         params = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError as e:
