@@ -24,6 +24,9 @@ Fixtures:
     callable ``terminate_backend(pid) -> bool``.
 ``restart_server``
     callable ``restart(mode="fast")``; the test is skipped on an external server.
+``listener``
+    a started :class:`pglisten_fast.Listener` with default settings, stopped
+    after the test.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 
+import pglisten_fast as pgl
 from pglisten_fast.testing import ClusterError, StopMode, TempCluster, find_pg_bindir
 
 #: Environment variable naming an existing server to test against.
@@ -168,3 +172,14 @@ def restart_server(pg_server: PgServer) -> Callable[..., None]:
         pg_server.restart(mode)
 
     return restart
+
+
+@pytest.fixture
+def listener(dsn: str) -> Iterator[pgl.Listener]:
+    """A started listener, stopped after the test."""
+    lst = pgl.Listener(dsn)
+    lst.start()
+    try:
+        yield lst
+    finally:
+        lst.stop(timeout=5)

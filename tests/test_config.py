@@ -14,7 +14,6 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -25,18 +24,6 @@ import pglisten_fast as pgl
 from tests.helpers import TIMEOUT, listen_ready
 
 Conn = psycopg.Connection[TupleRow]
-
-
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
 
 
 def _closed_port() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -22,18 +21,6 @@ import pglisten_fast as pgl
 from tests.helpers import TIMEOUT, Worker, listen_ready, wait_until
 
 Conn = psycopg.Connection[TupleRow]
-
-
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
 
 
 # ---------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -33,18 +32,6 @@ from tests.helpers import (
 )
 
 Conn = psycopg.Connection[TupleRow]
-
-
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
 
 
 # ---------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -196,17 +196,6 @@ def test_notification_pickle_round_trip() -> None:
 # ---------------------------------------------------------------------------
 # received from a server
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
 
 
 class TestReceivedFromServer:

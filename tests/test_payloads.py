@@ -24,18 +24,6 @@ from tests.helpers import TIMEOUT, collect, listen_ready, temp_database
 Conn = psycopg.Connection[TupleRow]
 
 
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
-
-
 # ---------------------------------------------------------------------------
 # payload round trips
 # ---------------------------------------------------------------------------

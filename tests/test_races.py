@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Iterator
 
 import psycopg
-import pytest
 from psycopg.rows import TupleRow
 
 import pglisten_fast as pgl
@@ -30,18 +28,6 @@ from tests.helpers import (
 )
 
 Conn = psycopg.Connection[TupleRow]
-
-
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,6 @@ Passes under both read paths (``PGLISTEN_FAST_IMPL=python`` runs the Python one)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
@@ -27,17 +25,6 @@ from tests.helpers import (
 )
 
 Conn = psycopg.Connection[TupleRow]
-
-
-@pytest.fixture
-def listener(dsn: str) -> Iterator[pgl.Listener]:
-    """A started listener, stopped after the test."""
-    lst = pgl.Listener(dsn)
-    lst.start()
-    try:
-        yield lst
-    finally:
-        lst.stop(timeout=5)
 
 
 def test_stats(listener: pgl.Listener, conn: Conn) -> None:
