@@ -76,6 +76,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from pglisten_fast.testing._common import pid_alive
 from tests.fix_db import PgServer
 
 #: Environment variable naming the PgBouncer binary to use.
@@ -505,16 +506,6 @@ def _cmdline(pid: int) -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _reap_orphans() -> None:
     """Stop the bouncers of test runs that died without cleaning up.
 
@@ -528,7 +519,7 @@ def _reap_orphans() -> None:
             owner = int((d / _OWNER_FILE).read_text().strip())
         except (OSError, ValueError):
             continue
-        if owner == os.getpid() or _pid_alive(owner):
+        if owner == os.getpid() or pid_alive(owner):
             continue
         with contextlib.suppress(OSError, ValueError):
             pid = int((d / _PID_FILE).read_text().strip())
