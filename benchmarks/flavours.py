@@ -15,7 +15,10 @@ Each round: the client LISTENs, the driver queues ``n`` notifications of
 by the time from COMMIT's return to the client's receipt of the last one
 (as ``compare.py``'s burst scenarios).  Prints, per flavour, psycopg's
 implementation, the read path and libpq the client used, and the median,
-min and max rate, then each flavour's median relative to the first.
+min and max rate with each flavour's median relative to the first, and the
+client's CPU time per notification (all its threads, from LISTEN in effect
+to the last receipt: less sensitive than the rate to other load on the
+machine).
 
 Flavours: ``--flavour NAME=PYTHON`` (repeatable); by default ``c`` is this
 interpreter.  ``--binary-venv DIR`` adds ``binary``: the virtualenv at DIR,
@@ -59,6 +62,7 @@ def client(dsn: str, channel: str, n: int) -> None:
         marker = sub.get(timeout=60)
         assert marker.reason == "listen", marker
         print("ready", flush=True)
+        cpu0 = time.process_time()
         count = dropped = 0
         first = last = 0.0
         payload = ""
@@ -73,9 +77,10 @@ def client(dsn: str, channel: str, n: int) -> None:
                 count += 1
                 payload = item.payload
             last = now
+        cpu = time.process_time() - cpu0
     print(json.dumps({"count": count, "dropped": dropped, "first": first,
                       "last": last, "last_payload": payload[:64],
-                      "impl": pgl.__impl__}), flush=True)
+                      "cpu_s": cpu, "impl": pgl.__impl__}), flush=True)
 
 #: Printed by each flavour's interpreter: what it runs with.
 _ABOUT = (
@@ -123,8 +128,9 @@ def wait_clients_gone(admin: psycopg.Connection[Any], timeout: float = 15.0) -> 
 
 
 def one_round(python: str, dsn: str, tx: psycopg.Connection[Any], n: int,
-              size: int) -> float:
-    """The from-COMMIT rate of one burst drained by the client under ``python``."""
+              size: int) -> tuple[float, float]:
+    """One burst drained by the client under ``python``: the from-COMMIT rate
+    and the client's CPU time (all threads) per notification in us."""
     argv = [python, __file__, "--client",
             f"{dsn} application_name={CLIENT_APP}", CHANNEL, str(n)]
     proc = ClientProc(argv)
@@ -143,7 +149,7 @@ def one_round(python: str, dsn: str, tx: psycopg.Connection[Any], n: int,
     if res.get("impl") != "c":
         raise ClientError(f"the client used the {res.get('impl')} read path")
     span = res["last"] - t_commit
-    return n / span if span > 0 else float("nan")
+    return (n / span if span > 0 else float("nan")), res["cpu_s"] / n * 1e6
 
 
 def main() -> int:
@@ -179,26 +185,32 @@ def main() -> int:
         cluster = TempCluster().start()
         dsn = cluster.dsn
     rates: dict[str, list[float]] = {name: [] for name in flavours}
+    cpus: dict[str, list[float]] = {name: [] for name in flavours}
     try:
         with psycopg.connect(dsn) as tx, psycopg.connect(dsn, autocommit=True) as adm:
             print(f"burst: {args.n:,} x {args.size} B in one transaction, "
                   f"{args.rounds} rounds", flush=True)
             for rnd in range(1, args.rounds + 1):
                 for name, python in flavours.items():
-                    rate = one_round(python, dsn, tx, args.n, args.size)
+                    rate, cpu = one_round(python, dsn, tx, args.n, args.size)
                     rates[name].append(rate)
-                    print(f"  round {rnd} {name:8} {rate:12,.0f} /s", flush=True)
+                    cpus[name].append(cpu)
+                    print(f"  round {rnd} {name:8} {rate:12,.0f} /s  "
+                          f"{cpu:6.3f} us CPU/notification", flush=True)
                     wait_clients_gone(adm)
     finally:
         if cluster is not None:
             cluster.close()
 
-    print("\nflavour   median /s      min /s       max /s     vs first")
+    print("\nflavour   median /s      min /s       max /s  vs first"
+          "   CPU us/notif (median, min-max)")
     first = statistics.median(next(iter(rates.values())))
     for name, values in rates.items():
         med = statistics.median(values)
+        cpu = cpus[name]
         print(f"{name:8} {med:10,.0f} {min(values):12,.0f} {max(values):12,.0f}"
-              f"     {med / first:5.2f}")
+              f"  {med / first:8.2f}   {statistics.median(cpu):.3f} "
+              f"({min(cpu):.3f}-{max(cpu):.3f})")
     return 0
 
 
