@@ -18,7 +18,8 @@ implementation, the read path and libpq the client used, and the median,
 min and max rate with each flavour's median relative to the first, and the
 client's CPU time per notification (all its threads, from LISTEN in effect
 to the last receipt: less sensitive than the rate to other load on the
-machine).
+machine), and its selector thread's alone (the C read loop: libpq,
+routing, ring writes).
 
 Flavours: ``--flavour NAME=PYTHON`` (repeatable); by default ``c`` is this
 interpreter.  ``--binary-venv DIR`` adds ``binary``: the virtualenv at DIR,
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,13 @@ def client(dsn: str, channel: str, n: int) -> None:
         sub = listener.listen(channel)
         marker = sub.get(timeout=60)
         assert marker.reason == "listen", marker
+        selector = next(t for t in threading.enumerate()
+                        if t.name == "pglisten-fast-selector")
+        assert selector.ident is not None
+        sel_clock = time.pthread_getcpuclockid(selector.ident)
         print("ready", flush=True)
         cpu0 = time.process_time()
+        sel0 = time.clock_gettime(sel_clock)
         count = dropped = 0
         first = last = 0.0
         payload = ""
@@ -78,9 +85,11 @@ def client(dsn: str, channel: str, n: int) -> None:
                 payload = item.payload
             last = now
         cpu = time.process_time() - cpu0
+        sel = time.clock_gettime(sel_clock) - sel0
     print(json.dumps({"count": count, "dropped": dropped, "first": first,
                       "last": last, "last_payload": payload[:64],
-                      "cpu_s": cpu, "impl": pgl.__impl__}), flush=True)
+                      "cpu_s": cpu, "selector_cpu_s": sel, "impl": pgl.__impl__}),
+          flush=True)
 
 #: Printed by each flavour's interpreter: what it runs with.
 _ABOUT = (
@@ -128,9 +137,10 @@ def wait_clients_gone(admin: psycopg.Connection[Any], timeout: float = 15.0) -> 
 
 
 def one_round(python: str, dsn: str, tx: psycopg.Connection[Any], n: int,
-              size: int) -> tuple[float, float]:
-    """One burst drained by the client under ``python``: the from-COMMIT rate
-    and the client's CPU time (all threads) per notification in us."""
+              size: int) -> tuple[float, float, float]:
+    """One burst drained by the client under ``python``: the from-COMMIT rate,
+    the client's CPU time (all threads) and its selector thread's, per
+    notification in us."""
     argv = [python, __file__, "--client",
             f"{dsn} application_name={CLIENT_APP}", CHANNEL, str(n)]
     proc = ClientProc(argv)
@@ -149,7 +159,8 @@ def one_round(python: str, dsn: str, tx: psycopg.Connection[Any], n: int,
     if res.get("impl") != "c":
         raise ClientError(f"the client used the {res.get('impl')} read path")
     span = res["last"] - t_commit
-    return (n / span if span > 0 else float("nan")), res["cpu_s"] / n * 1e6
+    return ((n / span if span > 0 else float("nan")), res["cpu_s"] / n * 1e6,
+            res["selector_cpu_s"] / n * 1e6)
 
 
 def main() -> int:
@@ -186,31 +197,34 @@ def main() -> int:
         dsn = cluster.dsn
     rates: dict[str, list[float]] = {name: [] for name in flavours}
     cpus: dict[str, list[float]] = {name: [] for name in flavours}
+    sels: dict[str, list[float]] = {name: [] for name in flavours}
     try:
         with psycopg.connect(dsn) as tx, psycopg.connect(dsn, autocommit=True) as adm:
             print(f"burst: {args.n:,} x {args.size} B in one transaction, "
                   f"{args.rounds} rounds", flush=True)
             for rnd in range(1, args.rounds + 1):
                 for name, python in flavours.items():
-                    rate, cpu = one_round(python, dsn, tx, args.n, args.size)
+                    rate, cpu, sel = one_round(python, dsn, tx, args.n, args.size)
                     rates[name].append(rate)
                     cpus[name].append(cpu)
-                    print(f"  round {rnd} {name:8} {rate:12,.0f} /s  "
-                          f"{cpu:6.3f} us CPU/notification", flush=True)
+                    sels[name].append(sel)
+                    print(f"  round {rnd} {name:8} {rate:12,.0f} /s  CPU/notification "
+                          f"{cpu:6.3f} us, selector {sel:6.3f} us", flush=True)
                     wait_clients_gone(adm)
     finally:
         if cluster is not None:
             cluster.close()
 
     print("\nflavour   median /s      min /s       max /s  vs first"
-          "   CPU us/notif (median, min-max)")
+          "   CPU us/notif (median, min-max)   selector")
     first = statistics.median(next(iter(rates.values())))
     for name, values in rates.items():
         med = statistics.median(values)
         cpu = cpus[name]
         print(f"{name:8} {med:10,.0f} {min(values):12,.0f} {max(values):12,.0f}"
               f"  {med / first:8.2f}   {statistics.median(cpu):.3f} "
-              f"({min(cpu):.3f}-{max(cpu):.3f})")
+              f"({min(cpu):.3f}-{max(cpu):.3f})   "
+              f"{statistics.median(sels[name]):.3f}")
     return 0
 
 
