@@ -95,7 +95,7 @@ def client(dsn: str, channel: str, n: int) -> None:
 _ABOUT = (
     "import psycopg, pglisten_fast as p; from pglisten_fast import _readpath as r; "
     "print(psycopg.__version__, psycopg.pq.__impl__, psycopg.pq.version(), "
-    "p.__impl__, r.LIBPQ)"
+    "p.__impl__, getattr(r, 'LIBPQ', None))"
 )
 
 
@@ -180,7 +180,7 @@ def main() -> int:
     flavours: dict[str, str] = {}
     for spec in args.flavour:
         name, _, python = spec.partition("=")
-        flavours[name] = python
+        flavours[name] = os.path.abspath(python) if os.sep in python else python
     if not args.flavour:
         flavours["c"] = sys.executable
     if args.binary_venv:
