@@ -7,12 +7,18 @@ created by one is drained by the other through its address (see
 ``PGLF_RING_ABI`` in ``pglf_ring.h``).  This module is the one place those
 settings live.
 
+Neither module needs libpq to build or links with it: the read loop binds
+the libpq that psycopg loaded at run time (``pglf_libpq.h``), through
+``dlopen``/``dlsym``/``dladdr``, which only glibc before 2.34 keeps in a
+library of its own (``-ldl``, see :func:`libraries`).
+
 ``setup.py`` and ``build_ffi.py`` put this directory on ``sys.path`` and
 ``import build_settings``.  Run as a script, it prints settings for shell
 scripts (``scripts/sanitize.sh``), one per line::
 
-    python3 csrc/build_settings.py cflags        # flags and -D macros
-    python3 csrc/build_settings.py sources _pglf  # sources of one module
+    python3 csrc/build_settings.py cflags           # flags and -D macros
+    python3 csrc/build_settings.py sources _pglf     # sources of one module
+    python3 csrc/build_settings.py libraries _pglf   # -l flags of one module
 
 Environment: ``PGLISTEN_FAST_EXTRA_CFLAGS`` adds compiler flags (split like
 a shell command line), e.g. ``PGLISTEN_FAST_EXTRA_CFLAGS=-Werror``.
@@ -37,14 +43,20 @@ WARNINGS = ["-Wall", "-Wextra", "-Wshadow", "-Wconversion"]
 #: Compiler flags of both modules, before the extra flags from the environment.
 BASE_CFLAGS = ["-std=c11", "-O2", *WARNINGS, "-fvisibility=hidden"]
 
-#: POSIX and GNU declarations (poll, clock_gettime, posix_memalign, dladdr)
-#: that strict -std=c11 hides.
+#: POSIX and GNU declarations (poll, clock_gettime, posix_memalign, dladdr,
+#: RTLD_DEFAULT, RTLD_NOLOAD) that strict -std=c11 hides.
 DEFINE_MACROS = [("_GNU_SOURCE", "1")]
 
 #: C sources of each module, relative to this directory.  Each module
 #: compiles its own copy of pglf_ring.c.
 SOURCES = {
-    "_pglf": ["pglf_ring.c", "pglf_chanmap.c", "pglf_router.c", "pglf_readloop.c"],
+    "_pglf": [
+        "pglf_ring.c",
+        "pglf_chanmap.c",
+        "pglf_router.c",
+        "pglf_libpq.c",
+        "pglf_readloop.c",
+    ],
     "_records": ["pglf_records.c", "pglf_ring.c"],
 }
 
@@ -80,6 +92,35 @@ def include_dirs() -> list[str]:
     return [str(HERE)]
 
 
+def _glibc_version() -> tuple[int, int] | None:
+    """The C library's version when it is glibc, else None."""
+    try:
+        name, _, version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (AttributeError, ValueError, OSError):
+        return None
+    if name != "glibc":
+        return None
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return None
+    return major, minor
+
+
+def libraries(module: str) -> list[str]:
+    """Libraries ``module`` links with, beyond the C library.
+
+    ``_pglf`` binds libpq at run time with ``dlopen``/``dlsym``/``dladdr``:
+    in the C library itself since glibc 2.34 (and on musl, macOS, the BSDs),
+    in ``libdl`` before.  libpq is never linked.
+    """
+    if module == "_pglf":
+        glibc = _glibc_version()
+        if glibc is not None and glibc < (2, 34):
+            return ["dl"]
+    return []
+
+
 def _main(argv: list[str]) -> int:
     if argv == ["cflags"]:
         macros = [f"-D{name}={value}" for name, value in DEFINE_MACROS]
@@ -88,8 +129,13 @@ def _main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "sources" and argv[1] in SOURCES:
         print(*sources(argv[1]), sep="\n")
         return 0
+    if len(argv) == 2 and argv[0] == "libraries" and argv[1] in SOURCES:
+        for name in libraries(argv[1]):
+            print(f"-l{name}")
+        return 0
+    modules = ",".join(SOURCES)
     print(
-        f"usage: {sys.argv[0]} cflags | sources {{{','.join(SOURCES)}}}",
+        f"usage: {sys.argv[0]} cflags | sources {{{modules}}} | libraries {{{modules}}}",
         file=sys.stderr,
     )
     return 2

@@ -2,22 +2,16 @@
  * pglf_readloop.c - the libpq read loop: socket waits, PQconsumeInput /
  * PQnotifies into the router, and the burst and wake-up heuristics.
  *
- * The only file of the C code that includes libpq-fe.h.  Single-threaded by
- * contract: every function runs on the selector thread.  See
- * pglf_readloop.h.
+ * libpq is called only through the table bound at run time (pglf_libpq.h):
+ * no libpq header, no link with libpq.  Single-threaded by contract: every
+ * function runs on the selector thread.  See pglf_readloop.h.
  */
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE 1   /* dladdr */
-#endif
 #include "pglf_readloop.h"
 #include "pglf_platform.h"
 
-#include <dlfcn.h>
 #include <errno.h>
 #include <poll.h>
 #include <string.h>
-
-#include <libpq-fe.h>
 
 /*
  * libpq allocates a PGnotify and its two strings in one block: the channel
@@ -25,7 +19,7 @@
  * When that layout is recognised the name's length is known without a
  * strlen; otherwise measure it.
  */
-static size_t relname_len(const PGnotify *n)
+static size_t relname_len(const pglf_notify *n)
 {
     /* Names are shorter than NAMEDATALEN (64) bytes. */
     if (n->relname == (char *)(n + 1) && n->extra > n->relname &&
@@ -47,22 +41,28 @@ static int readable_now(int sock, int wake_fd)
     return (p[0].revents & POLLIN) && !p[1].revents;
 }
 
-int pglf_pump(pglf_router *r, PGconn *conn)
+int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
 {
+    /* Loaded once: the calls below (routing, waking) could otherwise make
+     * the compiler reload them from the table on every notification. */
+    pglf_PQconsumeInput_fn consume_input = pq->PQconsumeInput;
+    pglf_PQnotifies_fn notifies = pq->PQnotifies;
+    pglf_PQfreemem_fn freemem = pq->PQfreemem;
+    pglf_PQisBusy_fn is_busy = pq->PQisBusy;
     int flags = 0;
     if (pglf_router_blocked(r) && pglf_router_flush(r) == PGLF_BLOCKED)
         return PGLF_RUN_BLOCKED;
     int busy = pglf_router_busy(r);   /* set by the control path, not here */
     unsigned since_wake = 0;
     for (;;) {
-        if (!PQconsumeInput(conn))
+        if (!consume_input(conn))
             flags |= PGLF_RUN_ERROR;
-        PGnotify *n;
+        pglf_notify *n;
         unsigned k = 0;
-        while ((n = PQnotifies(conn)) != NULL) {
+        while ((n = notifies(conn)) != NULL) {
             int rc = pglf_route(r, n->relname, relname_len(n), n->be_pid,
                                 n->extra, strlen(n->extra));
-            PQfreemem(n);
+            freemem(n);
             if (rc == PGLF_BLOCKED) {
                 flags |= PGLF_RUN_BLOCKED;
                 break;
@@ -78,19 +78,20 @@ int pglf_pump(pglf_router *r, PGconn *conn)
          * per socket read (each wake-up of a sleeping thread costs
          * microseconds).  A trickle wakes them at once: no latency is added
          * there. */
-        if (flags || (busy && !PQisBusy(conn)) || k < PGLF_BURST_READ ||
-            !readable_now(PQsocket(conn), pglf_router_wake_fd(r)))
+        if (flags || (busy && !is_busy(conn)) || k < PGLF_BURST_READ ||
+            !readable_now(pq->PQsocket(conn), pglf_router_wake_fd(r)))
             break;
     }
     pglf_router_wake(r);
-    if (busy && !PQisBusy(conn))
+    if (busy && !is_busy(conn))
         flags |= PGLF_RUN_RESULT;
     return flags;
 }
 
-int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
+int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
+             int timeout_ms)
 {
-    int sock = PQsocket(conn);
+    int sock = pq->PQsocket(conn);
     if (sock < 0)
         return PGLF_RUN_ERROR;
     /* A long burst is read on in pglf_pump until this fd (commands, stop,
@@ -101,7 +102,7 @@ int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
         /* Queries are sent in non-blocking mode: push what is left of them
          * while reading, so neither side can block the other on a full
          * socket buffer. */
-        int pending = PQflush(conn);
+        int pending = pq->PQflush(conn);
         if (pending < 0)
             return PGLF_RUN_ERROR;
         int blocked = pglf_router_blocked(r);
@@ -126,21 +127,11 @@ int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms)
         if (p[0].revents)
             flags |= PGLF_RUN_WAKE;
         if (p[1].revents & ~POLLOUT) {
-            flags |= pglf_pump(r, conn);
+            flags |= pglf_pump(r, pq, conn);
             if (deadline >= 0)
                 deadline = pglf_mono_ms() + timeout_ms;
         }
         if (flags)
             return flags;
     }
-}
-
-const char *pglf_libpq_path(void)
-{
-#if defined(__linux__) || defined(__APPLE__) || defined(__FreeBSD__)
-    Dl_info info;
-    if (dladdr((void *)&PQconsumeInput, &info) && info.dli_fname)
-        return info.dli_fname;
-#endif
-    return NULL;
 }

@@ -1,22 +1,27 @@
 /*
- * pglf_readloop.h - the selector thread's read loop: libpq socket reads,
- * the burst and wake-up heuristics, and which libpq the code is linked
- * with.
+ * pglf_readloop.h - the selector thread's read loop: libpq socket reads
+ * and the burst and wake-up heuristics.
  *
  * Thread role: called on the Listener's selector thread only (the one
  * thread that uses the connection, and the single producer of every
  * subscription ring), with the GIL released.  This is the only part of the
- * C code that touches libpq: the router it feeds (pglf_router.h) knows
- * nothing of connections.  pglf_readloop.c is compiled with libpq-fe.h and
- * linked with libpq; this header only needs the PGconn type name.
+ * C code that calls libpq, always through the function table bound at run
+ * time to psycopg's own libpq (pglf_libpq.h): the code is not linked with
+ * libpq and includes no libpq header.  The router it feeds (pglf_router.h)
+ * knows nothing of connections.
+ *
+ * The table is an argument of every call rather than a global set once:
+ * no hidden state to initialise or get wrong (a call with an unbound table
+ * cannot happen by accident), tests can bind several libraries side by
+ * side, and the hot loop loads the few pointers it needs into locals once
+ * per pglf_pump call, which costs what an indirect call through the PLT
+ * costs.
  */
 #ifndef PGLF_READLOOP_H
 #define PGLF_READLOOP_H
 
+#include "pglf_libpq.h"
 #include "pglf_router.h"
-
-/* libpq's connection type (libpq-fe.h declares the same typedef). */
-typedef struct pg_conn PGconn;
 
 /* Wake consumers at least every this many notifications during a burst. */
 #define PGLF_WAKE_EVERY 4096
@@ -34,12 +39,13 @@ typedef struct pg_conn PGconn;
 
 /*
  * Read what the socket has: PQconsumeInput, then route every PQnotifies
- * record and PQfreemem it, then wake consumers.  Returns PGLF_RUN_* flags.
+ * record and PQfreemem it, then wake consumers.  `pq` is the libpq that
+ * created `conn` (pglf_libpq_bind()).  Returns PGLF_RUN_* flags.
  * (A burst is read on while the socket has more bytes and the wake-up fd
  * of the enclosing pglf_run, if any, is quiet; consumers are woken at
  * least every PGLF_WAKE_EVERY notifications.)
  */
-int pglf_pump(pglf_router *r, PGconn *conn);
+int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn);
 
 /*
  * The selector's wait loop: poll the libpq socket (unless blocked) and
@@ -48,13 +54,7 @@ int pglf_pump(pglf_router *r, PGconn *conn);
  * server (< 0: none), results of the outstanding query, an error, or a
  * newly blocked ring.  Returns PGLF_RUN_* flags.
  */
-int pglf_run(pglf_router *r, PGconn *conn, int wake_fd, int timeout_ms);
-
-/*
- * Path of the libpq shared object these functions were linked with, or
- * NULL when it cannot be told.  Used at import to prove that psycopg's
- * PGconn* belongs to the same libpq.
- */
-const char *pglf_libpq_path(void);
+int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
+             int timeout_ms);
 
 #endif /* PGLF_READLOOP_H */

@@ -96,6 +96,6 @@ int main(int argc, char **argv)
         close(pfd);
         close(cfd);
     }
-    printf("ring_detach: %ld rounds, no signal after detach\n", rounds);
+    printf("ring_detach: ok, %ld rounds, no signal after detach\n", rounds);
     return 0;
 }

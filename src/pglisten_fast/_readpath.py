@@ -10,22 +10,48 @@ per connection by :func:`open_read_path`:
 - :class:`PythonReadPath` does the same through ``psycopg.pq`` and hands
   each notification to the same C router.
 
-The C loop is only sound if our extension and psycopg use *the same*
-libpq: a ``PGconn`` from one libpq build handed to another is undefined
-behaviour (psycopg's ``binary`` wheels bundle their own libpq).  This
-module proves it at import and otherwise selects the Python path, with one
-log line saying why.  ``PGLISTEN_FAST_IMPL=c`` or ``=python`` forces a
-path; forcing ``c`` when it cannot be proven safe raises
-:class:`ImportError` with the reason.
+The C loop is only sound if it calls *the same* libpq as psycopg: a
+``PGconn`` from one libpq build handed to another is undefined behaviour
+(psycopg's ``binary`` wheels bundle their own libpq, and a process may hold
+several).  So the extension is not linked with libpq at all: at import,
+this module binds the C loop to the libpq functions of a library psycopg
+already loaded (``pglf_libpq_bind`` in ``csrc/pglf_libpq.c``) and proves
+the match:
+
+1. candidates: psycopg's own pq extension module (``psycopg_c.pq`` or
+   ``psycopg_binary.pq``: ``dlsym`` on its handle finds the libpq it was
+   linked with, bundled or system) or, for psycopg's pure-Python
+   implementation, the library its ``ctypes`` layer opened (the bound
+   functions must be the very ones ctypes calls); and the global symbol
+   scope;
+2. a candidate counts only if every function comes from one shared object
+   (``dladdr``) and its ``PQlibVersion()`` equals ``psycopg.pq.version()``;
+3. two candidates that count but are different objects are ambiguous:
+   refused;
+4. each connection is checked before the C loop reads it: ``PQsocket`` and
+   ``PQbackendPID`` through the bound functions must agree with psycopg's
+   ``pgconn.socket`` and ``pgconn.backend_pid`` (else that connection is
+   read by the Python path, with one warning per listener).
+
+Anything that cannot be proven selects the Python path, with one log line
+saying why (:data:`REASON`).  ``PGLISTEN_FAST_IMPL=c`` or ``=python``
+forces a path; forcing ``c`` when the binding cannot be proven raises
+:class:`ImportError` with the reason.  :data:`LIBPQ` names the library the
+C loop is bound to.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import importlib
 import os
 import select
+import sys
 import time
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
@@ -35,77 +61,224 @@ from ._log import fields, logger
 from ._pglf import ffi, lib
 from ._router import Router, RunFlag
 
-__all__ = ["IMPL", "IMPL_ENV", "REASON", "ReadPath", "check_c_path", "open_read_path"]
+__all__ = [
+    "BINDING",
+    "IMPL",
+    "IMPL_ENV",
+    "LIBPQ",
+    "REASON",
+    "LibpqBinding",
+    "ReadPath",
+    "bind_libpq",
+    "check_c_path",
+    "choose_binding",
+    "connection_mismatch",
+    "open_read_path",
+]
 
 
 IMPL_ENV = "PGLISTEN_FAST_IMPL"
 
+#: The libpq functions the C read loop calls, in the order they are bound.
+LIBPQ_FUNCTIONS = (
+    "PQconsumeInput",
+    "PQnotifies",
+    "PQfreemem",
+    "PQsocket",
+    "PQisBusy",
+    "PQflush",
+    "PQlibVersion",
+    "PQbackendPID",
+)
+
 
 # ---------------------------------------------------------------------------
-# choice at import
+# binding to psycopg's libpq
 
 
-def _mapped_libpq_paths() -> set[str] | None:
-    """Real paths of every libpq shared object mapped in this process (Linux)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return None
-    paths = set()
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and "libpq" in os.path.basename(parts[5].strip()):
-            paths.add(os.path.realpath(parts[5].strip()))
-    return paths
+@dataclass(frozen=True)
+class LibpqBinding:
+    """The C loop's function table, bound to one loaded libpq."""
+
+    #: Where it was found: ``"psycopg_c.pq"``, ``"ctypes libpq"``, ``"global scope"``.
+    source: str
+    #: The shared object every function comes from (as the loader names it).
+    path: str
+    #: Its ``PQlibVersion()``.
+    version: int
+    #: Its load address: two bindings use the same library iff these are equal.
+    base: int
+    #: The ``pglf_libpq *`` handed to ``pglf_run``/``pglf_pump`` (kept alive here).
+    table: Any
+
+    def address(self, name: str) -> int:
+        """Address of the bound function ``name`` (one of :data:`LIBPQ_FUNCTIONS`)."""
+        return int(ffi.cast("uintptr_t", getattr(self.table, name)))
 
 
-def check_c_path() -> str | None:
-    """Return why the C read path is unsafe here, or None when it is safe."""
-    impl = pq.__impl__
-    if impl not in ("c", "python"):
-        return (
-            f"psycopg uses its {impl!r} implementation, which bundles its own "
-            "libpq; install psycopg[c] to get the C read path"
-        )
-    ours = int(lib.PQlibVersion())
-    theirs = pq.version()
-    if ours != theirs:
-        return f"psycopg's libpq is version {theirs}, pglisten_fast's is {ours}"
-    raw = lib.pglf_libpq_path()
-    if raw == ffi.NULL:
-        return "cannot tell which libpq file pglisten_fast is linked with"
-    our_path = os.path.realpath(ffi.string(raw).decode(errors="replace"))
-    mapped = _mapped_libpq_paths()
-    if mapped is None:
-        return "cannot list the libraries loaded in this process (/proc/self/maps)"
-    if impl == "python":
-        # ctypes loads libpq lazily by soname; it is mapped once loaded.
-        mapped.add(our_path)
-    others = mapped - {our_path}
-    if others:
-        return f"more than one libpq is loaded: {sorted(mapped)}"
+def _c_string(raw: Any) -> str | None:
+    return None if raw == ffi.NULL else ffi.string(raw).decode(errors="replace")
+
+
+def bind_libpq(path: str | None, source: str) -> LibpqBinding | str:
+    """Bind the C loop to the libpq functions found from ``path``.
+
+    ``path`` names an already loaded shared object (never loaded here);
+    ``None`` searches the global symbol scope.  Returns the binding, or why
+    there is none (prefixed with ``source``).
+    """
+    table = ffi.new("pglf_libpq *")
+    rc = lib.pglf_libpq_bind(table, ffi.NULL if path is None else os.fsencode(path))
+    symbol = _c_string(table.symbol)
+    found = _c_string(table.path)
+    if rc == lib.PGLF_BIND_OK:
+        return LibpqBinding(source, os.path.normpath(found or "?"), int(table.version),
+                            int(table.base), table)
+    if rc == lib.PGLF_BIND_NOT_LOADED:
+        return f"{source}: {path} is not loaded"
+    if rc == lib.PGLF_BIND_MISSING:
+        if symbol == LIBPQ_FUNCTIONS[0]:
+            where = "in the global symbol scope" if path is None else f"from {path}"
+            return f"{source}: no libpq {where}"
+        return f"{source}: {found} has {LIBPQ_FUNCTIONS[0]} but no {symbol}"
+    if rc == lib.PGLF_BIND_MIXED:
+        return (f"{source}: {symbol} comes from {_c_string(table.other_path)}, "
+                f"{LIBPQ_FUNCTIONS[0]} from {found}: not one library")
+    if rc == lib.PGLF_BIND_UNKNOWN:
+        return f"{source}: cannot tell which library {symbol} comes from (dladdr)"
+    return f"{source}: cannot bind libpq at run time on this platform (no dlopen)"
+
+
+def _ctypes_libpq() -> Any:
+    """The ``ctypes.CDLL`` psycopg's pure-Python implementation calls, or None."""
+    for name in ("psycopg.pq._pq_ctypes", "psycopg.pq.pq_ctypes"):
+        module = sys.modules.get(name)
+        cdll = getattr(module, "pq", None) or getattr(
+            getattr(module, "impl", None), "pq", None)
+        if isinstance(cdll, ctypes.CDLL):
+            return cdll
     return None
 
 
-def _select() -> tuple[str, str | None]:
+def _same_as_ctypes(binding: LibpqBinding, cdll: Any) -> str | None:
+    """Why ``binding`` is not what ``cdll`` calls, or None when it is."""
+    for name in LIBPQ_FUNCTIONS:
+        try:
+            theirs = ctypes.cast(cdll[name], ctypes.c_void_p).value
+        except (AttributeError, OSError):
+            return f"{binding.source}: psycopg's ctypes libpq has no {name}"
+        if theirs != binding.address(name):
+            return (f"{binding.source}: {name} at {binding.path} is not the "
+                    "function psycopg's ctypes layer calls")
+    return None
+
+
+def _module_candidate(impl: str) -> tuple[str, str | None, Any] | str:
+    """psycopg's own library for ``impl``: (source, path, ctypes CDLL or None)."""
+    if impl == "python":
+        cdll = _ctypes_libpq()
+        if cdll is None:
+            return "psycopg's ctypes layer: its libpq handle was not found"
+        return "ctypes libpq", str(cdll._name), cdll
+    name = f"psycopg_{impl}.pq"
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        return f"{name}: cannot import it ({e})"
+    path = getattr(module, "__file__", None)
+    if not path:
+        return f"{name}: its shared object is unknown (no __file__)"
+    return name, str(path), None
+
+
+def choose_binding(
+    impl: str | None = None, version: int | None = None
+) -> tuple[LibpqBinding | None, str | None, list[str]]:
+    """Find the libpq psycopg uses: ``(binding, why_not, notes)``.
+
+    ``impl`` and ``version`` default to psycopg's ``pq.__impl__`` and
+    ``pq.version()``.  ``notes`` says what became of every candidate.
+    """
+    impl = pq.__impl__ if impl is None else impl
+    theirs = pq.version() if version is None else version
+    notes: list[str] = []
+    candidates: list[tuple[str, str | None, Any]] = []
+    own = _module_candidate(impl)
+    if isinstance(own, str):
+        notes.append(own)
+    else:
+        candidates.append(own)
+    candidates.append(("global scope", None, None))
+
+    matching: list[LibpqBinding] = []
+    for source, path, cdll in candidates:
+        bound = bind_libpq(path, source)
+        if isinstance(bound, str):
+            notes.append(bound)
+            continue
+        if cdll is not None and (why := _same_as_ctypes(bound, cdll)):
+            notes.append(why)
+            continue
+        if bound.version != theirs:
+            notes.append(f"{source}: libpq {bound.version} at {bound.path}, "
+                         f"but psycopg uses libpq {theirs}")
+            continue
+        notes.append(f"{source}: libpq {bound.version} at {bound.path}")
+        matching.append(bound)
+    if not matching:
+        return None, (f"no loaded libpq could be proven to be psycopg's "
+                      f"({'; '.join(notes)})"), notes
+    if len({b.base for b in matching}) > 1:
+        paths = ", ".join(f"{b.path} ({b.source})" for b in matching)
+        return None, (f"two different libpq {theirs} are loaded, cannot tell "
+                      f"which one psycopg uses: {paths}"), notes
+    return matching[0], None, notes
+
+
+def check_c_path() -> str | None:
+    """Return why the C read path cannot be used here, or None when it can."""
+    return _prove()[1]
+
+
+def _prove() -> tuple[LibpqBinding | None, str | None]:
+    if not hasattr(pq.PGconn, "pgconn_ptr"):
+        return None, (f"psycopg {psycopg.__version__} does not expose "
+                      "PGconn.pgconn_ptr: upgrade psycopg")
+    try:
+        binding, why, _ = choose_binding()
+    except Exception as e:  # never let the proof break the import
+        return None, f"binding to psycopg's libpq failed: {e!r}"
+    return binding, why
+
+
+def _select() -> tuple[str, str | None, LibpqBinding | None]:
     forced = os.environ.get(IMPL_ENV, "").strip().lower()
     if forced not in ("", "c", "python"):
         raise ImportError(f"{IMPL_ENV} must be 'c' or 'python', not {forced!r}")
     if forced == "python":
-        return "python", f"{IMPL_ENV}=python"
-    why = check_c_path()
-    if why is None:
-        return "c", None
+        return "python", f"{IMPL_ENV}=python", None
+    binding, why = _prove()
+    if binding is not None:
+        logger.debug("C read path bound to libpq %s at %s (%s)",
+                     binding.version, binding.path, binding.source,
+                     extra=fields("read_path"))
+        return "c", None, binding
     if forced == "c":
         raise ImportError(f"{IMPL_ENV}=c, but the C read path is unsafe: {why}")
     logger.warning("using the Python read path (%s)", why,
                    extra=fields("read_path"))
-    return "python", why
+    return "python", why, None
 
 
 #: ``"c"`` or ``"python"``: which read path Listeners use.
-IMPL, REASON = _select()
+IMPL: str
+#: Why the Python path was chosen (None when the C path is used).
+REASON: str | None
+#: The libpq the C read loop is bound to (None on the Python path).
+BINDING: LibpqBinding | None
+IMPL, REASON, BINDING = _select()
+#: Path of that libpq's shared object, for diagnostics (None on the Python path).
+LIBPQ: str | None = BINDING.path if BINDING is not None else None
 
 
 # ---------------------------------------------------------------------------
@@ -134,17 +307,21 @@ class CReadPath:
 
     name = "c"
 
-    def __init__(self, router: Router, conn_ptr: Any, wake_rfd: int) -> None:
+    def __init__(self, router: Router, binding: LibpqBinding, conn_ptr: Any,
+                 wake_rfd: int) -> None:
         self._router = router.ptr
+        self._binding = binding      # keeps the function table alive
+        self._pq = binding.table
         self._conn = conn_ptr
         self._wake_rfd = wake_rfd
 
     def run(self, timeout: float) -> RunFlag:
         ms = -1 if timeout < 0 else int(timeout * 1000 + 0.999)
-        return RunFlag(lib.pglf_run(self._router, self._conn, self._wake_rfd, ms))
+        return RunFlag(
+            lib.pglf_run(self._router, self._pq, self._conn, self._wake_rfd, ms))
 
     def pump(self) -> RunFlag:
-        return RunFlag(lib.pglf_pump(self._router, self._conn))
+        return RunFlag(lib.pglf_pump(self._router, self._pq, self._conn))
 
     def close(self) -> None:
         self._conn = ffi.NULL
@@ -239,10 +416,51 @@ class PythonReadPath:
             self._sock_events = None
 
 
+def connection_mismatch(binding: LibpqBinding, conn_ptr: Any, socket: int,
+                        backend_pid: int) -> str | None:
+    """Why the bound libpq does not see ``conn_ptr`` as psycopg does, or None.
+
+    ``socket`` and ``backend_pid`` are what psycopg reports for the
+    connection; the bound ``PQsocket``/``PQbackendPID`` must return the same.
+    """
+    ids = ffi.new("int[2]")
+    lib.pglf_libpq_conn_ids(binding.table, conn_ptr, ids, ids + 1)
+    ours = (int(ids[0]), int(ids[1]))
+    if ours != (socket, backend_pid):
+        return (f"libpq at {binding.path} sees socket {ours[0]} and backend "
+                f"{ours[1]}, psycopg sees socket {socket} and backend {backend_pid}")
+    return None
+
+
+#: Routers (one per Listener) already warned about a connection the C loop
+#: could not prove its own.
+_warned: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _warn_once(router: Router, why: str) -> None:
+    key = router.ptr
+    try:
+        if key in _warned:
+            return
+        _warned.add(key)
+    except TypeError:  # not weakly referenceable: warn every time
+        pass
+    logger.warning("using the Python read path for this connection (%s)", why,
+                   extra=fields("read_path"))
+
+
 def open_read_path(router: Router, pgconn: pq.abc.PGconn, wake_rfd: int,
                    busy: Callable[[], bool]) -> ReadPath:
     """The read path for one connection: C when proven safe, else Python."""
     ptr = getattr(pgconn, "pgconn_ptr", None)
-    if IMPL == "c" and ptr:
-        return CReadPath(router, ffi.cast("PGconn *", ptr), wake_rfd)
+    if IMPL == "c" and BINDING is not None and ptr:
+        conn = ffi.cast("PGconn *", ptr)
+        try:
+            why = connection_mismatch(BINDING, conn, pgconn.socket,
+                                      pgconn.backend_pid)
+        except psycopg.Error as e:
+            why = f"psycopg cannot tell the connection's socket and backend: {e}"
+        if why is None:
+            return CReadPath(router, BINDING, conn, wake_rfd)
+        _warn_once(router, why)
     return PythonReadPath(router, pgconn, wake_rfd, busy)
