@@ -46,12 +46,18 @@ _Static_assert(ATOMIC_INT_LOCK_FREE == 2, "32-bit atomics must be lock-free");
                               + (n),                                           \
                           memory_order_relaxed)
 
-/* Milliseconds on the monotonic clock (deadlines of poll-based waits). */
-static inline int64_t pglf_mono_ms(void)
+/* Microseconds on the monotonic clock. */
+static inline int64_t pglf_mono_us(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* Milliseconds on the monotonic clock (deadlines of poll-based waits). */
+static inline int64_t pglf_mono_ms(void)
+{
+    return pglf_mono_us() / 1000;
 }
 
 #endif /* PGLF_PLATFORM_H */

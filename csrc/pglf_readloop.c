@@ -41,7 +41,14 @@ static int readable_now(int sock, int wake_fd)
     return (p[0].revents & POLLIN) && !p[1].revents;
 }
 
-int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
+/*
+ * Read and route what the socket has, without the final wake-up of the
+ * consumers (the caller decides when).  *routed counts the notifications.
+ * During a burst consumers are still woken every PGLF_WAKE_EVERY
+ * notifications and every PGLF_HOLD_US microseconds.
+ */
+static int pump_core(pglf_router *r, const pglf_libpq *pq, PGconn *conn,
+                     unsigned *routed)
 {
     /* Loaded once: the calls below (routing, waking) could otherwise make
      * the compiler reload them from the table on every notification. */
@@ -50,10 +57,12 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
     pglf_PQfreemem_fn freemem = pq->PQfreemem;
     pglf_PQisBusy_fn is_busy = pq->PQisBusy;
     int flags = 0;
+    *routed = 0;
     if (pglf_router_blocked(r) && pglf_router_flush(r) == PGLF_BLOCKED)
         return PGLF_RUN_BLOCKED;
     int busy = pglf_router_busy(r);   /* set by the control path, not here */
     unsigned since_wake = 0;
+    int64_t woken_at = 0;
     for (;;) {
         if (!consume_input(conn))
             flags |= PGLF_RUN_ERROR;
@@ -73,19 +82,78 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
                 pglf_router_wake(r);
             }
         }
+        *routed += k;
         /* During a burst, read on while the socket has more, so consumers
          * are woken once per PGLF_WAKE_EVERY notifications instead of once
          * per socket read (each wake-up of a sleeping thread costs
-         * microseconds).  A trickle wakes them at once: no latency is added
-         * there. */
+         * microseconds), but never later than PGLF_HOLD_US after the first
+         * notification they have not been woken for. */
         if (flags || (busy && !is_busy(conn)) || k < PGLF_BURST_READ ||
             !readable_now(pq->PQsocket(conn), pglf_router_wake_fd(r)))
             break;
+        int64_t now = pglf_mono_us();
+        if (woken_at == 0)
+            woken_at = now;
+        else if (now - woken_at >= PGLF_HOLD_US) {
+            since_wake = 0;
+            woken_at = now;
+            pglf_router_wake(r);
+        }
     }
-    pglf_router_wake(r);
     if (busy && !is_busy(conn))
         flags |= PGLF_RUN_RESULT;
     return flags;
+}
+
+int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
+{
+    unsigned routed;
+    int flags = pump_core(r, pq, conn, &routed);
+    pglf_router_wake(r);
+    return flags;
+}
+
+/*
+ * Whether to hold the consumers' wake-up after a read that routed
+ * notifications at `now`: when reads come closer together than
+ * PGLF_STREAM_GAP_US on average (a stream of over ~10,000 a second), the
+ * consumers and this thread are both better off batching: the thread
+ * sleeps up to PGLF_HOLD_US without watching the socket, then reads what
+ * arrived meanwhile in one go and wakes each consumer once.  A trickle, or
+ * the first notification after a quiet spell, wakes them at once.
+ */
+static int hold_wakeup(pglf_pace *pace, int64_t now)
+{
+    if (pace->last_us != 0) {
+        int64_t gap = now - pace->last_us;
+        /* Smoothed over about four reads; one long gap resets it. */
+        pace->gap_us = gap > PGLF_HOLD_US * 4 ? gap
+                                              : pace->gap_us + (gap - pace->gap_us) / 4;
+    } else {
+        pace->gap_us = PGLF_HOLD_US * 4;
+    }
+    pace->last_us = now;
+    return pace->gap_us < PGLF_STREAM_GAP_US;
+}
+
+/* poll() with a microsecond timeout (< 0: none). */
+static int poll_us(struct pollfd *p, nfds_t n, int64_t timeout_us)
+{
+#ifdef __linux__
+    if (timeout_us >= 0) {
+        struct timespec ts = {.tv_sec = (time_t)(timeout_us / 1000000),
+                              .tv_nsec = (long)(timeout_us % 1000000) * 1000};
+        return ppoll(p, n, &ts, NULL);
+    }
+    return ppoll(p, n, NULL, NULL);
+#else
+    int ms = -1;
+    if (timeout_us >= 0) {
+        int64_t t = (timeout_us + 999) / 1000;
+        ms = t < 0x7fffffff ? (int)t : 0x7fffffff;
+    }
+    return poll(p, n, ms);
+#endif
 }
 
 int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
@@ -94,10 +162,13 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
     int sock = pq->PQsocket(conn);
     if (sock < 0)
         return PGLF_RUN_ERROR;
-    /* A long burst is read on in pglf_pump until this fd (commands, stop,
+    /* A long burst is read on in pump_core until this fd (commands, stop,
      * consumers that freed space) asks for attention. */
     pglf_router_set_wake_fd(r, wake_fd);
-    int64_t deadline = timeout_ms >= 0 ? pglf_mono_ms() + timeout_ms : -1;
+    pglf_pace *pace = pglf_router_pace(r);
+    int64_t idle_us = timeout_ms >= 0 ? (int64_t)timeout_ms * 1000 : -1;
+    int64_t deadline = idle_us >= 0 ? pglf_mono_us() + idle_us : -1;
+    int64_t hold_until = -1;   /* consumers owed a wake-up by then */
     for (;;) {
         /* Queries are sent in non-blocking mode: push what is left of them
          * while reading, so neither side can block the other on a full
@@ -106,32 +177,61 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
         if (pending < 0)
             return PGLF_RUN_ERROR;
         int blocked = pglf_router_blocked(r);
+        int64_t now = pglf_mono_us();
+        if (hold_until >= 0 && (now >= hold_until || blocked)) {
+            /* The batch window is over: take in what arrived meanwhile,
+             * then wake the consumers of everything routed. */
+            unsigned routed;
+            int flags = blocked ? 0 : pump_core(r, pq, conn, &routed);
+            pglf_router_wake(r);
+            hold_until = -1;
+            if (flags)
+                return flags;
+            continue;
+        }
+        /* While holding, the socket is not watched for input: what arrives
+         * is read at the end of the window, in one go.  While blocked it is
+         * not read at all: the backlog stays in the server's notification
+         * queue, not in this process. */
+        int watch_in = !blocked && hold_until < 0;
         struct pollfd p[2] = {
             {.fd = wake_fd, .events = POLLIN},
-            /* While blocked the socket is not read: the backlog stays in the
-             * server's notification queue, not in this process. */
-            {.fd = blocked && !pending ? -1 : sock,
-             .events = (short)((blocked ? 0 : POLLIN) | (pending ? POLLOUT : 0))},
+            {.fd = watch_in || pending ? sock : -1,
+             .events = (short)((watch_in ? POLLIN : 0) | (pending ? POLLOUT : 0))},
         };
-        int left = -1;
-        if (deadline >= 0) {
-            int64_t d = deadline - pglf_mono_ms();
-            left = d > 0 ? (int)(d < 0x7fffffff ? d : 0x7fffffff) : 0;
-        }
-        int rc = poll(p, 2, left);
-        if (rc < 0)
+        int64_t until = deadline;
+        if (hold_until >= 0 && (until < 0 || hold_until < until))
+            until = hold_until;
+        int rc = poll_us(p, 2, until < 0 ? -1 : (until > now ? until - now : 0));
+        if (rc < 0) {
+            if (hold_until >= 0)
+                pglf_router_wake(r);
             return errno == EINTR ? PGLF_RUN_EINTR : PGLF_RUN_ERROR;
-        if (rc == 0)
+        }
+        if (rc == 0) {
+            if (hold_until >= 0)
+                continue;   /* the window closed: handled at the top */
             return PGLF_RUN_TIMEOUT;
+        }
         int flags = 0;
         if (p[0].revents)
             flags |= PGLF_RUN_WAKE;
-        if (p[1].revents & ~POLLOUT) {
-            flags |= pglf_pump(r, pq, conn);
+        if (watch_in && (p[1].revents & ~POLLOUT)) {
+            unsigned routed;
+            flags |= pump_core(r, pq, conn, &routed);
+            now = pglf_mono_us();
+            if (routed && !flags && !pglf_router_busy(r) && hold_wakeup(pace, now))
+                hold_until = now + PGLF_HOLD_US;
+            else
+                pglf_router_wake(r);
             if (deadline >= 0)
-                deadline = pglf_mono_ms() + timeout_ms;
+                deadline = now + idle_us;
         }
-        if (flags)
+        if (flags) {
+            /* Back to the control path: nobody waits for a wake-up. */
+            if (hold_until >= 0)
+                pglf_router_wake(r);
             return flags;
+        }
     }
 }

@@ -25,6 +25,15 @@
 
 /* Wake consumers at least every this many notifications during a burst. */
 #define PGLF_WAKE_EVERY 4096
+/*
+ * The longest a routed notification waits for its consumer's wake-up, in
+ * microseconds, whatever the burst heuristics: during a long burst, and
+ * when a fast stream (reads closer than PGLF_STREAM_GAP_US apart on
+ * average) is batched so that a consumer wakes once per batch instead of
+ * once per notification.
+ */
+#define PGLF_HOLD_US 200
+#define PGLF_STREAM_GAP_US 100
 /* A socket read that yields at least this many notifications looks like a
  * burst: check for more bytes before waking consumers. */
 #define PGLF_BURST_READ 16
@@ -52,7 +61,9 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn);
  * `wake_fd`, pump whenever the socket is readable, and return only for a
  * control event: the wake-up fd, `timeout_ms` without a byte from the
  * server (< 0: none), results of the outstanding query, an error, or a
- * newly blocked ring.  Returns PGLF_RUN_* flags.
+ * newly blocked ring.  Returns PGLF_RUN_* flags.  Consumers are woken
+ * before it returns; within it, at most PGLF_HOLD_US after a notification
+ * of theirs was routed (see PGLF_HOLD_US).
  */
 int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
              int timeout_ms);

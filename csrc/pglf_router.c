@@ -45,6 +45,7 @@ struct pglf_router {
     size_t owing_subs;
     int busy;
     int wake_fd;         /* the selector's wake-up fd while in pglf_run */
+    pglf_pace pace;      /* the read loop's, see pglf_router_pace() */
 
     /* the notification kept aside while a "block" ring is full */
     int stashed;
@@ -456,6 +457,7 @@ void pglf_router_set_busy(pglf_router *r, int busy) { r->busy = busy; }
 int pglf_router_busy(const pglf_router *r) { return r->busy; }
 void pglf_router_set_wake_fd(pglf_router *r, int fd) { r->wake_fd = fd; }
 int pglf_router_wake_fd(const pglf_router *r) { return r->wake_fd; }
+pglf_pace *pglf_router_pace(pglf_router *r) { return &r->pace; }
 uint64_t pglf_router_received(const pglf_router *r)
 {
     return atomic_load_explicit(&((pglf_router *)r)->received, memory_order_relaxed);

@@ -114,6 +114,16 @@ int pglf_router_busy(const pglf_router *r);
 /* The wake-up fd of the current pglf_run (-1 before the first): a burst is
  * read on only while it is quiet. */
 void pglf_router_set_wake_fd(pglf_router *r, int fd);
+/*
+ * Arrival pacing, kept here for the read loop (pglf_readloop.c) across its
+ * calls: when the last socket read routed notifications, and the smoothed
+ * gap between such reads (microseconds).
+ */
+typedef struct pglf_pace {
+    int64_t last_us;
+    int64_t gap_us;
+} pglf_pace;
+pglf_pace *pglf_router_pace(pglf_router *r);
 int pglf_router_wake_fd(const pglf_router *r);
 
 /* Counters: written by the selector thread, readable from any thread. */
