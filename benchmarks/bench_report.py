@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from bench_clients import PGLF_CLIENTS, Flavours
 from bench_driver import Driver
-from bench_scenarios import Config, Run, rate_label
+from bench_scenarios import MAX_RATE, Config, Run, rate_label
 from psycopg import pq
 
 Summary = tuple[str, list[dict[str, Any]]]
@@ -155,6 +155,12 @@ def thread_split(runs: Sequence[Run], label: str = "",
 
 
 
+#: A paced step whose median server answer took longer than this is marked:
+#: the server (sharing the CPUs) was behind, and the delays of that row
+#: include its backlog, not only the client's.
+SERVER_BEHIND_US = 5_000.0
+
+
 def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                      clients: Sequence[str], unavailable: dict[str, str], *,
                      collapse_ms: float) -> Summary:
@@ -201,6 +207,8 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                         "lag_p99_us", "sender_cpu_us", "rss_mib"):
                 s[key if key.startswith("delay") else f"{key}_median"] = \
                     med(metric(g, key))
+            s["server_behind"] = bool(rate > 0 and
+                                      s["ack_median_us_median"] > SERVER_BEHIND_US)
             summary.append(s)
             idle = s["idle_share_median"]
             rows.append([
@@ -215,9 +223,18 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                           lambda v: fmt_num(v, 2)),
                 fmt_num(s["wakeups_per_notif_median"], 2),
                 fmt_num(idle * 100, 0),
-                fmt_ms(s["ack_median_us_median"]),
+                fmt_ms(s["ack_median_us_median"]) + ("!" if s["server_behind"]
+                                                     else ""),
                 f"{n_ok(g)}/{len(g)}"])
-    return table(headers, rows, left=2), summary
+    text = table(headers, rows, left=2)
+    if any(s.get("server_behind") for s in summary):
+        text += (f"\n  ! the server answered the sender late (median ack > "
+                 f"{SERVER_BEHIND_US / 1e3:g} ms): that row's delays include the "
+                 f"server's backlog, not only the client's")
+    if MAX_RATE in rates:
+        text += ("\n  max: unpaced, the sender keeps a fixed number of statements "
+                 "unanswered (--max-inflight), so its delays include that queue")
+    return text, summary
 
 
 def read_paths(runs: Sequence[Run], clients: Sequence[str],
