@@ -9,6 +9,7 @@ and ``stream_conn`` (autocommit, libpq pipeline mode: the steady streams).
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import time
 from collections import deque
@@ -155,7 +156,7 @@ class Driver:
             while sent < n:
                 now = time.perf_counter()
                 if paced:
-                    k = min(n, int((now - t0) * rate) + 1) - sent
+                    k = min(n, math.floor((now - t0) * rate) + 1) - sent
                     if k <= 0:
                         drain()
                         left = t0 + sent * interval - time.perf_counter()

@@ -412,9 +412,11 @@ def print_header(h: dict[str, Any]) -> None:
               f"get_batch(max_items={opts['max_items']:,})")
 
 
-#: Colours of the clients in the charts (others: matplotlib's cycle).
+#: Colours of the clients in the charts.
 CLIENT_COLORS = {"c": "#444444", "pglisten_fast": "#1f77b4",
-                 "pglisten_fast_binary": "#17becf"}
+                 "pglisten_fast_binary": "#17becf", "psycopg3": "#ff7f0e",
+                 "psycopg3_pgconn": "#d62728", "asyncpg": "#2ca02c",
+                 "psycopg2": "#9467bd"}
 
 
 def _burst_panel(ax: Any, name: str, all_rows: list[dict[str, Any]]) -> None:
@@ -431,7 +433,8 @@ def _burst_panel(ax: Any, name: str, all_rows: list[dict[str, Any]]) -> None:
     vals = [nz(r["rate_median"]) for r in rows]
     lo = [nz(r["rate_median"] - r["rate_min"]) for r in rows]
     hi = [nz(r["rate_max"] - r["rate_median"]) for r in rows]
-    colors = [CLIENT_COLORS.get(n, "#ff7f0e") for n in names]
+    colors = [CLIENT_COLORS.get(n, "#ff7f0e") if n.startswith(("c", "pglisten"))
+              and n != "psycopg3" else "#ff7f0e" for n in names]
     ax.bar([x - width / 2 for x in xs], vals, width, yerr=[lo, hi],
            color=colors, capsize=3, label="from COMMIT (median, min-max)")
     ax.bar([x + width / 2 for x in xs], [nz(r["stream_median"]) for r in rows],
@@ -452,30 +455,45 @@ def _burst_panel(ax: Any, name: str, all_rows: list[dict[str, Any]]) -> None:
 
 def _sweep_panel(ax: Any, name: str, all_rows: list[dict[str, Any]],
                  collapse_ms: float) -> None:
-    """p99 delay against the achieved send rate, one line per client."""
+    """p99 delay per rate step, one line per client (log y).
+
+    The x axis is the step (target rate; "max" with the median achieved
+    rate over clients); clients are shifted a little sideways so that their
+    min-max bars stay apart.
+    """
     rows = [r for r in all_rows if r.get("available") and r.get("ok")
             and not math.isnan(r["delay_p99_us"])]
+    steps = list(dict.fromkeys(r["rate"] for r in all_rows if "rate" in r))
     clients = list(dict.fromkeys(r["client"] for r in rows))
-    for client in clients:
-        pts = sorted((r["send_rate_median"], r["delay_p99_us"] / 1e3,
-                      r["delay_p99_us_min"] / 1e3, r["delay_p99_us_max"] / 1e3,
-                      r["rate"]) for r in rows if r["client"] == client)
-        xs = [p[0] / 1e3 for p in pts]
-        ys = [p[1] for p in pts]
-        err = [[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=2,
-                    linewidth=1.5 if client.startswith("pglisten_fast") else 1,
+    if not steps or not clients:
+        return
+    labels = []
+    for step in steps:
+        if step == "max":
+            got = [r["send_rate_median"] for r in rows if r["rate"] == "max"]
+            labels.append(f"max\n(~{statistics.median(got) / 1e3:.0f}k/s)" if got
+                          else "max")
+        else:
+            labels.append(f"{int(step.split('/')[0]) / 1e3:g}k/s")
+    width = 0.6 / max(1, len(clients))
+    for k, client in enumerate(clients):
+        by_step = {r["rate"]: r for r in rows if r["client"] == client}
+        pts = [(i + (k - (len(clients) - 1) / 2) * width, by_step[step])
+               for i, step in enumerate(steps) if step in by_step]
+        ys = [r["delay_p99_us"] / 1e3 for _, r in pts]
+        err = [[(r["delay_p99_us"] - r["delay_p99_us_min"]) / 1e3 for _, r in pts],
+               [(r["delay_p99_us_max"] - r["delay_p99_us"]) / 1e3 for _, r in pts]]
+        ax.errorbar([x for x, _ in pts], ys, yerr=err, marker="o", markersize=4,
+                    capsize=2, linewidth=2 if client.startswith("pglisten") else 1,
                     color=CLIENT_COLORS.get(client), label=client)
-        if pts and pts[-1][4] == "max":
-            ax.annotate("max", (xs[-1], ys[-1]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
     ax.axhline(collapse_ms, color="red", linestyle=":", linewidth=1,
                label=f"collapse threshold {collapse_ms:g} ms")
     ax.set_yscale("log")
-    ax.set_xlabel("achieved send rate (thousand notifications / s, median)")
+    ax.set_xticks(range(len(steps)), labels)
+    ax.set_xlabel("send rate (one notification per transaction)")
     ax.set_ylabel("p99 send -> receive delay, ms (median, min-max)")
     ax.set_title(f"{name}: p99 latency vs rate")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="both", axis="y", alpha=0.3)
     ax.legend(fontsize=8)
 
 
