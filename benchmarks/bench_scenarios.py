@@ -74,6 +74,9 @@ class Config:
     #: sweep steps (notifications per second; 0 = max) and seconds per step
     sweep_rates: tuple[int, ...] = (2_000, 5_000, 10_000, 20_000, MAX_RATE)
     sweep_seconds: float = 3.0
+    #: rounds of the sweep (3 unless --rounds says otherwise: 7 clients x 5
+    #: rates x 3 rounds of 3 s is already ~6 minutes)
+    sweep_rounds: int = 3
     #: a stream round whose p99 delay exceeds this "collapsed"
     collapse_ms: float = 50.0
     #: unanswered statements allowed to the unpaced (max) sender
@@ -87,13 +90,14 @@ class Config:
                       channels_k=10_000, fanout_subs=100, fanout_n=50_000,
                       memory_total=2_000_000, memory_burst=500_000,
                       stalled_total=2_000_000, stalled_buffer=16 * 2**20,
-                      sweep_seconds=1.0)
+                      sweep_seconds=1.0, sweep_rounds=rounds or 3)
         else:
             cfg = cls(rounds=rounds or 5, burst32_n=1_000_000, burst512_n=100_000,
                       steady_rates=(5_000, 20_000), steady_seconds=3.0,
                       channels_k=10_000, fanout_subs=100, fanout_n=100_000,
                       memory_total=10_000_000, memory_burst=500_000,
-                      stalled_total=2_000_000, stalled_buffer=16 * 2**20)
+                      stalled_total=2_000_000, stalled_buffer=16 * 2**20,
+                      sweep_rounds=rounds or 3)
         return cls(**{**cfg.__dict__, **{k: v for k, v in overrides.items()
                                          if v is not None}})
 
@@ -292,9 +296,9 @@ class Bench:
         cfg = self.cfg
         steps = ", ".join(rate_label(r) for r in cfg.sweep_rates)
         print(f"\n[sweep] {len(self.clients)} clients x {len(cfg.sweep_rates)} rates "
-              f"({steps}) x {cfg.rounds} rounds, {cfg.sweep_seconds:g} s per step",
-              flush=True)
-        for rnd in range(cfg.rounds):
+              f"({steps}) x {cfg.sweep_rounds} rounds, {cfg.sweep_seconds:g} s per "
+              f"step", flush=True)
+        for rnd in range(cfg.sweep_rounds):
             for rate in cfg.sweep_rates:
                 for client in rotate(self.clients, rnd):
                     self.stream_run("sweep", client, rnd, rate, cfg.sweep_seconds)
