@@ -183,7 +183,6 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                                 "available": False, "reason": unavailable[client]})
                 continue
             g = group(runs, scenario, variant, client)
-            p99 = metric(g, "delay_p99_us")
             cpu = metric(g, "cpu_us")
             sent = metric(g, "send_rate")
             s: dict[str, Any] = {
@@ -197,16 +196,18 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                 "cpu_us_median": med(cpu),
                 "cpu_us_min": min(cpu, default=math.nan),
                 "cpu_us_max": max(cpu, default=math.nan),
-                "delay_p99_us_min": min(p99, default=math.nan),
-                "delay_p99_us_max": max(p99, default=math.nan),
             }
+            # The median of each (the name used in the table), and its range.
             for key in ("delay_median_us", "delay_p90_us", "delay_p99_us",
                         "delay_p999_us", "delay_max_us", "cpu_rusage_us",
                         "wakeups_per_notif", "involuntary_per_notif",
                         "ctx_per_1k", "idle_share", "ack_median_us", "ack_p99_us",
                         "lag_p99_us", "sender_cpu_us", "rss_mib"):
-                s[key if key.startswith("delay") else f"{key}_median"] = \
-                    med(metric(g, key))
+                vals = metric(g, key)
+                name = key if key.startswith("delay") else f"{key}_median"
+                s[name] = med(vals)
+                s[f"{key}_min"] = min(vals, default=math.nan)
+                s[f"{key}_max"] = max(vals, default=math.nan)
             s["server_behind"] = bool(rate > 0 and
                                       s["ack_median_us_median"] > SERVER_BEHIND_US)
             summary.append(s)
