@@ -53,6 +53,7 @@ class Driver:
                                      application_name="pglf_bench_admin")
         self.stream_conn = psycopg.connect(dsn, autocommit=True,
                                            application_name="pglf_bench_steady")
+        self.stream_backend_pid = self.stream_conn.info.backend_pid
         res = self.stream_conn.pgconn.prepare(STREAM_STMT, STREAM_SQL)
         if res.status != pq.ExecStatus.COMMAND_OK:
             msg = (res.error_message or b"").decode("utf-8", "replace")
@@ -234,6 +235,28 @@ class Driver:
                 return
             time.sleep(0.02)
 
+    def client_backend_pids(self) -> list[int]:
+        """Process ids of the server backends of the running client."""
+        rows = self.admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+            (CLIENT_APP,),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def server_cpu(self, client_pids: list[int]) -> dict[str, int | None]:
+        """On-CPU ns so far of the stream sender's backend and of the client's
+        backend(s) (None when not readable: a remote server, or gone)."""
+        listener: int | None = None
+        for pid in client_pids:
+            ns = backend_cpu_ns(pid)
+            if ns is not None:
+                listener = (listener or 0) + ns
+            else:
+                listener = None
+                break
+        return {"sender": backend_cpu_ns(self.stream_backend_pid),
+                "listener": listener}
+
     def server_version(self) -> str:
         row = self.admin.execute("SHOW server_version").fetchone()
         return str(row[0]) if row else "?"
@@ -272,3 +295,19 @@ def idle_share(before: tuple[int, int] | None,
         return float("nan")
     return (after[0] - before[0]) / (after[1] - before[1])
 
+
+
+def backend_cpu_ns(pid: int) -> int | None:
+    """On-CPU ns of a local PostgreSQL backend (``/proc/<pid>/schedstat``).
+
+    None when the process is gone, unreadable, or not a postgres process here
+    (a server on another machine or in another pid namespace).
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"postgres" not in fh.read():
+                return None
+        with open(f"/proc/{pid}/schedstat", "rb") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

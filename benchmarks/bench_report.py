@@ -202,7 +202,9 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                         "delay_p999_us", "delay_max_us", "cpu_rusage_us",
                         "wakeups_per_notif", "involuntary_per_notif",
                         "ctx_per_1k", "idle_share", "ack_median_us", "ack_p99_us",
-                        "lag_p99_us", "sender_cpu_us", "rss_mib"):
+                        "lag_p99_us", "sender_cpu_us", "sender_busy",
+                        "sender_backend_us", "sender_backend_busy",
+                        "listener_backend_us", "rss_mib"):
                 vals = metric(g, key)
                 name = key if key.startswith("delay") else f"{key}_median"
                 s[name] = med(vals)
@@ -232,10 +234,37 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
         text += (f"\n  ! the server answered the sender late (median ack > "
                  f"{SERVER_BEHIND_US / 1e3:g} ms): that row's delays include the "
                  f"server's backlog, not only the client's")
+    text += server_side(summary, rates)
     if MAX_RATE in rates:
         text += ("\n  max: unpaced, the sender keeps a fixed number of statements "
                  "unanswered (--max-inflight), so its delays include that queue")
     return text, summary
+
+
+def server_side(summary: Sequence[dict[str, Any]], rates: Sequence[int]) -> str:
+    """Per rate, the sending and receiving side's CPU (median over clients)."""
+    lines = []
+    for rate in rates:
+        rows = [s for s in summary if s.get("available")
+                and s["rate"] == rate_label(rate)]
+
+        def m(key: str, rows: list[dict[str, Any]] = rows) -> float:
+            return med([v for s in rows if (v := s.get(key, math.nan)) == v])
+
+        busy = m("sender_backend_busy_median")
+        if math.isnan(busy) and math.isnan(m("sender_busy_median")):
+            continue
+        lines.append(
+            f"  {rate_label(rate):>7}: sender's backend "
+            f"{fmt_num(m('sender_backend_us_median'), 1)} us/notif "
+            f"({fmt_num(busy * 100, 0)}% of a CPU), client's backend "
+            f"{fmt_num(m('listener_backend_us_median'), 1)} us/notif; sender "
+            f"process {fmt_num(m('sender_cpu_us_median'), 1)} us/notif "
+            f"({fmt_num(m('sender_busy_median') * 100, 0)}% of a CPU)")
+    if not lines:
+        return ""
+    return ("\n  server side, median over clients (CPU from /proc/<pid>/schedstat of "
+            "the backends):\n" + "\n".join(lines))
 
 
 def read_paths(runs: Sequence[Run], clients: Sequence[str],

@@ -119,6 +119,21 @@ class Run:
     wall_s: float = 0.0
 
 
+def server_delta(before: dict[str, int | None], mid: dict[str, int | None],
+                 after: dict[str, int | None]) -> dict[str, float]:
+    """CPU ns of the sender's and the client's backends over a stream step.
+
+    ``mid`` is taken when the sender is done, ``after`` once the client's
+    result arrived (its backend may have exited by then: ``mid`` counts).
+    """
+    out: dict[str, float] = {}
+    for key in ("sender", "listener"):
+        b = before.get(key)
+        a = after.get(key) if after.get(key) is not None else mid.get(key)
+        out[key] = float(a - b) if a is not None and b is not None else math.nan
+    return out
+
+
 def cost_metrics(m: dict[str, float], res: dict[str, Any], want: int) -> None:
     """Per-notification CPU, wake-ups and memory of a client result, into ``m``.
 
@@ -248,14 +263,23 @@ class Bench:
         try:
             with client_proc(self.argv(client, n, "steady")) as proc:
                 proc.wait_line("ready", 120)
+                backends = self.driver.client_backend_pids()
+                srv0 = self.driver.server_cpu(backends)
                 stat0 = cpu_stat()
+                t0 = time.monotonic()
                 if paced:
                     drv = self.driver.stream(CHANNEL, rate, n=n)
                 else:
                     drv = self.driver.stream(CHANNEL, rate, seconds=seconds,
                                              inflight=cfg.max_inflight)
+                drv["stream_s"] = time.monotonic() - t0
+                srv_sent = self.driver.server_cpu(backends)
                 res = proc.result(60 + seconds * 10)
                 drv["idle_share"] = idle_share(stat0, cpu_stat())
+                # The client's backend may already be gone once the client
+                # has exited: then its figure at the end of sending counts.
+                srv1 = self.driver.server_cpu(backends)
+                drv["server_cpu_ns"] = server_delta(srv0, srv_sent, srv1)
             run.driver, run.result = drv, res
             sent = int(drv["sent"])
             if res["count"] != sent:
@@ -268,6 +292,11 @@ class Bench:
             m["ack_p99_us"] = drv["ack_p99_us"]
             m["lag_p99_us"] = drv["lag_p99_us"]
             m["sender_cpu_us"] = drv["sender_cpu_s"] / sent * 1e6
+            m["sender_busy"] = drv["sender_cpu_s"] / drv["stream_s"]
+            srv = drv["server_cpu_ns"]
+            m["sender_backend_us"] = srv["sender"] / sent / 1e3
+            m["sender_backend_busy"] = srv["sender"] / 1e9 / drv["stream_s"]
+            m["listener_backend_us"] = srv["listener"] / sent / 1e3
             for key in ("median", "p90", "p99", "p999", "max"):
                 m[f"delay_{key}_us"] = res.get(f"delay_{key}_us", math.nan)
             m["collapsed"] = float(m["delay_p99_us"] > cfg.collapse_ms * 1e3)
