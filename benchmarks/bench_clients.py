@@ -31,6 +31,7 @@ ROOT = HERE.parent
 RESULTS_DIR = HERE / "results"
 PEERS = HERE / "peers.py"
 C_SOURCE = HERE / "c_listener.c"
+C_SENDER_SOURCE = HERE / "c_sender.c"
 
 sys.path.insert(0, str(HERE))
 from peers import CLIENT_MODULES  # noqa: E402
@@ -75,12 +76,12 @@ class ClientError(Exception):
 class ClientProc:
     """One client subprocess; its stdout lines are read by a helper thread."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], *, stdin: bool = False) -> None:
         self.argv = list(argv)
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         self.proc = subprocess.Popen(
             self.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
@@ -130,7 +131,16 @@ class ClientProc:
             raise ClientError(f"bad result line {line!r}") from e
         return out
 
+    def send(self, line: str) -> None:
+        """Write one line to the process's stdin (``stdin=True``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
     def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
         if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout=10)
@@ -166,6 +176,16 @@ def client_proc(argv: Sequence[str]) -> Iterator[ClientProc]:
 
 def build_c_listener(build_dir: Path) -> tuple[Path | None, str]:
     """Compile ``c_listener.c``; returns (binary, note)."""
+    return build_c(build_dir, C_SOURCE)
+
+
+def build_c_sender(build_dir: Path) -> tuple[Path | None, str]:
+    """Compile ``c_sender.c`` (the stream sender); returns (binary, note)."""
+    return build_c(build_dir, C_SENDER_SOURCE)
+
+
+def build_c(build_dir: Path, source: Path) -> tuple[Path | None, str]:
+    """Compile one of the C programs against the system libpq."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     pg_config = shutil.which("pg_config")
     if gcc is None or pg_config is None:
@@ -177,9 +197,9 @@ def build_c_listener(build_dir: Path) -> tuple[Path | None, str]:
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError) as e:
         return None, f"pg_config failed: {e}"
-    out = build_dir / "c_listener"
-    cmd = [gcc, "-O2", "-Wall", "-o", str(out), str(C_SOURCE), f"-I{inc}",
-           f"-L{libdir}", "-lpq"]
+    out = build_dir / source.stem
+    cmd = [gcc, "-O2", "-Wall", "-o", str(out), str(source), f"-I{inc}",
+           f"-L{libdir}", "-lpq", "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         return None, f"build failed: {proc.stderr.strip()[:500]}"

@@ -13,10 +13,11 @@ import math
 import select
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import psycopg
-from bench_clients import CLIENT_APP
+from bench_clients import CHANNEL, CLIENT_APP, ClientError, ClientProc
 from psycopg import pq
 
 BURST_SQL = (
@@ -43,10 +44,47 @@ def _pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[int((len(sorted_values) - 1) * q)]
 
 
-class Driver:
-    """Sends notifications and watches for client backends."""
+class CSender:
+    """The stream sender in C (``c_sender.c``): one process, one connection.
 
-    def __init__(self, dsn: str) -> None:
+    Same streams and result keys as :meth:`Driver.stream` (its docstring
+    describes both); commands go to the program's stdin, one JSON line
+    comes back per stream.
+    """
+
+    def __init__(self, binary: Path, dsn: str, channel: str) -> None:
+        self.channel = channel
+        conninfo = f"{dsn} application_name=pglf_bench_steady"
+        self.proc = ClientProc([str(binary), conninfo, channel], stdin=True)
+        try:
+            self.backend_pid = int(self.proc.wait_line("ready", 60).split()[1])
+        except (ClientError, IndexError, ValueError):
+            self.proc.kill()
+            self.proc.close()
+            raise
+
+    def stream(self, rate: float, *, n: int | None, seconds: float | None,
+               inflight: int) -> dict[str, Any]:
+        self.proc.send(f"{max(rate, 0.0)!r} {n or 0} {seconds or 0.0!r} {inflight}")
+        budget = (n / rate if n and rate > 0 else seconds or 0.0) * 10 + 60
+        try:
+            return self.proc.result(budget)
+        except ClientError as e:
+            raise RuntimeError(f"c_sender: {e}") from e
+
+    def close(self) -> None:
+        self.proc.close()
+
+
+class Driver:
+    """Sends notifications and watches for client backends.
+
+    Streams go through the C sender when ``c_sender`` (its binary) is given
+    and it starts, else through the Python sender (:meth:`stream`);
+    ``sender`` says which.
+    """
+
+    def __init__(self, dsn: str, c_sender: Path | None = None) -> None:
         self.dsn = dsn
         self.tx = psycopg.connect(dsn, application_name="pglf_bench_driver")
         self.admin = psycopg.connect(dsn, autocommit=True,
@@ -58,6 +96,16 @@ class Driver:
         if res.status != pq.ExecStatus.COMMAND_OK:
             msg = (res.error_message or b"").decode("utf-8", "replace")
             raise RuntimeError(f"cannot prepare the stream statement: {msg}")
+        self.csender: CSender | None = None
+        self.sender = "python (psycopg pipeline)"
+        if c_sender is not None:
+            try:
+                self.csender = CSender(c_sender, dsn, CHANNEL)
+            except ClientError as e:
+                self.sender = f"python (psycopg pipeline; C sender failed: {e})"
+            else:
+                self.sender = "c (libpq pipeline, c_sender.c)"
+                self.stream_backend_pid = self.csender.backend_pid
 
     #: compatibility name (``profile_client.py``)
     @property
@@ -65,6 +113,8 @@ class Driver:
         return self.stream_conn
 
     def close(self) -> None:
+        if self.csender is not None:
+            self.csender.close()
         for c in (self.tx, self.admin, self.stream_conn):
             with contextlib.suppress(Exception):
                 c.close()
@@ -116,6 +166,8 @@ class Driver:
         paced = rate > 0
         if not paced and seconds is None:
             raise ValueError("an unpaced stream needs seconds")
+        if self.csender is not None and channel == self.csender.channel:
+            return self.csender.stream(rate, n=n, seconds=seconds, inflight=inflight)
         if n is None:
             assert seconds is not None
             n = max(1, int(rate * seconds)) if paced else 1 << 62
@@ -206,6 +258,7 @@ class Driver:
         acks.sort()
         lags.sort()
         return {
+            "sender": "python",
             "target_rate": rate if paced else 0.0,
             "sent": count,
             "t_first": t_first,

@@ -435,6 +435,8 @@ def print_header(h: dict[str, Any]) -> None:
           f"asyncpg {h['asyncpg']}, psycopg2 {h['psycopg2']}")
     print(f"flavours    pglisten_fast: this Python (psycopg {h['psycopg']}); "
           f"pglisten_fast_binary: {h.get('pglisten_fast_binary', '-')}")
+    if h.get("sender"):
+        print(f"sender      {h['sender']}")
     opts = h.get("pglisten_fast_client")
     if opts:
         print(f"            pglisten_fast client: overflow={opts['overflow']!r}, "

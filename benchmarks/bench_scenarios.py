@@ -162,7 +162,8 @@ class Bench:
 
     def __init__(self, dsn: str, cfg: Config, clients: Sequence[str],
                  c_binary: Path | None, verbose: bool, *,
-                 flavours: Flavours | None = None) -> None:
+                 flavours: Flavours | None = None,
+                 c_sender: Path | None = None) -> None:
         self.dsn = dsn
         self.client_dsn = f"{dsn} application_name={CLIENT_APP}"
         self.cfg = cfg
@@ -170,7 +171,7 @@ class Bench:
         self.c_binary = c_binary
         self.flavours = flavours or Flavours()
         self.verbose = verbose
-        self.driver = Driver(dsn)
+        self.driver = Driver(dsn, c_sender)
         self.runs: list[Run] = []
 
     def argv(self, client: str, n: int, mode: str) -> list[str]:

@@ -57,6 +57,7 @@ from bench_clients import (  # noqa: E402
     Flavours,
     available_clients,
     build_c_listener,
+    build_c_sender,
     client_proc,
     resolve_binary_python,
 )
@@ -233,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-inflight", type=int, default=128,
                     help="unanswered statements allowed to the sender in the "
                          "sweep's max step (default: %(default)s)")
+    ap.add_argument("--sender", choices=("c", "python"), default="c",
+                    help="stream sender: c_sender.c (default; the Python one "
+                         "when it cannot be built) or psycopg's pipeline mode")
     ap.add_argument("--binary-python", default=None, metavar="PATH",
                     help="Python of a virtualenv with psycopg[binary] and this "
                          "package, for the pglisten_fast_binary client (default: "
@@ -273,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             prefix="pglf-bench-")))
         c_binary, c_note = (build_c_listener(build_dir) if "c" in clients
                             else (None, "not requested"))
+        c_sender, sender_note = (build_c_sender(build_dir) if args.sender == "c"
+                                 else (None, "--sender python"))
         flavours = (resolve_binary_python(args.binary_python,
                                           args.results_dir / ".venv-binary")
                     if "pglisten_fast_binary" in clients else Flavours())
@@ -288,9 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.callback(cluster.close)
             cluster.start()
             dsn = cluster.dsn
-        bench = Bench(dsn, cfg, runnable, c_binary, args.verbose, flavours=flavours)
+        bench = Bench(dsn, cfg, runnable, c_binary, args.verbose, flavours=flavours,
+                      c_sender=c_sender)
         stack.callback(bench.driver.close)
         hdr = header(bench.driver, c_note, flavours)
+        hdr["sender"] = bench.driver.sender
+        if c_sender is None:
+            hdr["sender"] += f" (C sender: {sender_note})"
         hdr["pglisten_fast_client"] = {"overflow": args.pglf_overflow,
                                        "buffer_size": args.pglf_buffer_size,
                                        "max_items": args.pglf_max_items}
