@@ -11,16 +11,23 @@
  * have arrived, and prints one JSON line:
  *
  *     {"client": "c", "mode": ..., "count": N, "first": t, "last": t,
- *      "cpu_s": ..., "cpu_user_s": ..., "cpu_sys_s": ..., "ctx_switches": ...,
+ *      "cpu_s": ..., "cpu_source": "schedstat", "cpu_rusage_s": ...,
+ *      "cpu_user_s": ..., "cpu_sys_s": ..., "ctx_switches": ...,
+ *      "wakeups": ..., "involuntary": ..., "nthreads": ..., "threads_gone": 0,
  *      "maxrss_kb": ..., "last_payload": "...",
- *      ["delay_median_us": ..., "delay_p99_us": ...]}
+ *      ["delay_median_us": ..., "delay_p90_us": ..., "delay_p99_us": ...,
+ *       "delay_p999_us": ..., "delay_max_us": ...]}
  *
  * first/last are CLOCK_REALTIME receipt times as float seconds (comparable
  * with Python's time.time() in the driver).  CPU times and context switches
- * cover the window from "ready" to the last receipt; maxrss_kb is the peak
+ * cover the window from "ready" to the last receipt, like peers.py: cpu_s
+ * sums the first field of /proc/self/task/<tid>/schedstat (on-CPU ns) over
+ * every thread, wakeups their voluntary_ctxt_switches (cpu_rusage_s and
+ * ctx_switches come from getrusage, the cross-check); maxrss_kb is the peak
  * RSS (VmHWM).  MODE "burst" (default) only counts; MODE "steady" parses
- * each payload as the sender's CLOCK_REALTIME time and reports the median
- * and 99th percentile of receipt - send.
+ * each payload as the sender's CLOCK_REALTIME time, reports percentiles of
+ * receipt - send, and stops early at a negative time (the sender's end
+ * marker, not counted).
  *
  * Build: gcc -O2 -o c_listener c_listener.c -I$(pg_config --includedir) \
  *            -L$(pg_config --libdir) -lpq
@@ -31,6 +38,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/select.h>
+#include <dirent.h>
 #include <time.h>
 
 #include <libpq-fe.h>
@@ -68,6 +76,49 @@ static void cpu_times(double *user, double *sys, long *maxrss_kb, long *ctx)
     *sys = (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec * 1e-6;
     *maxrss_kb = ru.ru_maxrss;
     *ctx = ru.ru_nvcsw + ru.ru_nivcsw;
+}
+
+/* Sum over every thread of this process: on-CPU ns (schedstat), voluntary
+ * and involuntary context switches (status); returns the thread count, or
+ * -1 without /proc. */
+static long task_totals(long long *cpu_ns, long *vol, long *invol)
+{
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    char path[300], line[256];
+    long n = 0;
+    *cpu_ns = 0;
+    *vol = *invol = 0;
+    if (d == NULL)
+        return -1;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof(path), "/proc/self/task/%s/schedstat", e->d_name);
+        FILE *f = fopen(path, "r");
+        long long ns;
+        if (f == NULL)
+            continue;
+        int ok = fscanf(f, "%lld", &ns) == 1;
+        fclose(f);
+        if (!ok)
+            continue;
+        *cpu_ns += ns;
+        snprintf(path, sizeof(path), "/proc/self/task/%s/status", e->d_name);
+        f = fopen(path, "r");
+        if (f != NULL) {
+            while (fgets(line, sizeof(line), f)) {
+                if (strncmp(line, "voluntary_ctxt_switches:", 24) == 0)
+                    *vol += atol(line + 24);
+                else if (strncmp(line, "nonvoluntary_ctxt_switches:", 27) == 0)
+                    *invol += atol(line + 27);
+            }
+            fclose(f);
+        }
+        n++;
+    }
+    closedir(d);
+    return n;
 }
 
 static int cmp_double(const void *a, const void *b)
@@ -135,15 +186,19 @@ int main(int argc, char **argv)
     free(query);
 
     double *delays = NULL;
+    size_t ndelays = 0, cap = 0;
     if (steady) {
-        delays = malloc((size_t)want * sizeof(double));
+        cap = want < 1 << 20 ? (size_t)want : 1 << 20;
+        delays = malloc(cap * sizeof(double));
         if (delays == NULL)
             die("malloc", NULL);
     }
 
     double u0, s0, u1, s1;
-    long rss, cs0, cs1;
+    long rss, cs0, cs1, vol0, vol1, inv0, inv1;
+    long long ns0, ns1;
     cpu_times(&u0, &s0, &rss, &cs0);
+    long nthreads = task_totals(&ns0, &vol0, &inv0);
     puts("ready");
     fflush(stdout);
 
@@ -167,10 +222,24 @@ int main(int argc, char **argv)
         while ((n = PQnotifies(conn)) != NULL) {
             if (count == 0 || steady)
                 t = now_realtime();
+            if (steady) {
+                double sent = strtod(n->extra, NULL);
+                if (sent < 0) {   /* the sender's end marker */
+                    PQfreemem(n);
+                    want = count;
+                    last = t;
+                    break;
+                }
+                if (ndelays == cap) {
+                    cap *= 2;
+                    delays = realloc(delays, cap * sizeof(double));
+                    if (delays == NULL)
+                        die("realloc", NULL);
+                }
+                delays[ndelays++] = t - sent;
+            }
             if (count == 0)
                 first = t;
-            if (steady)
-                delays[count] = t - strtod(n->extra, NULL);
             count++;
             if (count == want) {
                 last = steady ? t : now_realtime();
@@ -180,23 +249,34 @@ int main(int argc, char **argv)
         }
     }
     cpu_times(&u1, &s1, &rss, &cs1);
+    long nthreads1 = task_totals(&ns1, &vol1, &inv1);
     rss = peak_rss_kb(rss);
+    double rusage_s = (u1 - u0) + (s1 - s0);
 
     printf("{\"client\": \"c\", \"mode\": \"%s\", \"count\": %lld, "
-           "\"first\": %.6f, \"last\": %.6f, \"cpu_s\": %.6f, "
-           "\"cpu_user_s\": %.6f, \"cpu_sys_s\": %.6f, \"ctx_switches\": %ld, "
-           "\"maxrss_kb\": %ld, \"last_payload\": ",
-           mode, count, first, last, (u1 - u0) + (s1 - s0), u1 - u0, s1 - s0,
-           cs1 - cs0, rss);
+           "\"first\": %.6f, \"last\": %.6f, \"cpu_s\": %.9f, "
+           "\"cpu_source\": \"%s\", \"cpu_rusage_s\": %.6f, "
+           "\"cpu_user_s\": %.6f, \"cpu_sys_s\": %.6f, \"ctx_switches\": %ld, ",
+           mode, count, first, last,
+           nthreads > 0 ? (double)(ns1 - ns0) * 1e-9 : rusage_s,
+           nthreads > 0 ? "schedstat" : "rusage", rusage_s,
+           u1 - u0, s1 - s0, cs1 - cs0);
+    if (nthreads > 0 && nthreads1 > 0)
+        printf("\"wakeups\": %ld, \"involuntary\": %ld, \"nthreads\": %ld, "
+               "\"threads_gone\": 0, ", vol1 - vol0, inv1 - inv0, nthreads1);
+    printf("\"maxrss_kb\": %ld, \"last_payload\": ", rss);
     json_string(last_payload);
-    if (steady) {
-        qsort(delays, (size_t)count, sizeof(double), cmp_double);
-        double med = delays[count / 2];
-        size_t i99 = (size_t)((double)(count - 1) * 0.99);
-        printf(", \"delay_median_us\": %.1f, \"delay_p99_us\": %.1f",
-               med * 1e6, delays[i99] * 1e6);
-        free(delays);
+    if (steady && ndelays > 0) {
+        static const struct { const char *name; double q; } pct[] = {
+            {"median", 0.5}, {"p90", 0.9}, {"p99", 0.99}, {"p999", 0.999},
+            {"max", 1.0}};
+        qsort(delays, ndelays, sizeof(double), cmp_double);
+        for (size_t k = 0; k < sizeof(pct) / sizeof(pct[0]); k++) {
+            size_t i = (size_t)((double)(ndelays - 1) * pct[k].q);
+            printf(", \"delay_%s_us\": %.1f", pct[k].name, delays[i] * 1e6);
+        }
     }
+    free(delays);
     puts("}");
     fflush(stdout);
     PQfinish(conn);

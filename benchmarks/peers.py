@@ -17,6 +17,16 @@ receives ``N`` notifications and prints one JSON line::
 first and the N-th notification; CPU times cover the window from ``ready``
 to the last receipt; ``maxrss_kb`` is the process's peak RSS (``VmHWM``).
 
+CPU and wake-ups count every thread of the process: ``cpu_s`` is the sum
+over ``/proc/self/task/*/schedstat`` (first field: on-CPU nanoseconds) at
+the end of the window minus the same sum at its start (``cpu_rusage_s``,
+from ``getrusage(RUSAGE_SELF)``, is the cross-check: it is process-wide
+too); ``wakeups`` is the sum of ``voluntary_ctxt_switches`` over
+``/proc/self/task/*/status`` (a thread that blocked and had to be woken),
+``involuntary`` the preempted ones.  ``nthreads`` is the number of threads
+at the end and ``threads_gone`` the number that existed at the start and
+ended inside the window (their schedstat share would be missing).
+
 Every client runs one Python-level loop iteration per notification (a real
 consumer does at least that much): it counts, and in ``steady`` mode parses
 the payload.
@@ -25,8 +35,12 @@ Modes (all clients):
 
 ``burst``   count N notifications.
 ``steady``  each payload is the sender's ``time.time()`` just before its
-            ``pg_notify``; report the median and 99th percentile of
-            receipt - send (``delay_median_us``, ``delay_p99_us``).
+            ``pg_notify`` (``%032.6f``: 32 bytes, zero-padded); report
+            percentiles of receipt - send (``delay_median_us``,
+            ``delay_p90_us``, ``delay_p99_us``, ``delay_p999_us``,
+            ``delay_max_us``).  A negative timestamp is the sender's end
+            marker (used when the number sent is not known in advance, the
+            sweep's "max" step): the client stops there, not counting it.
 
 Modes of the ``pglisten_fast`` client only:
 
@@ -134,18 +148,19 @@ def thread_times(tid: int) -> tuple[float, float]:
     return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
 
 
-def thread_ctx_switches(tid: int) -> int:
-    """Voluntary + involuntary context switches of thread ``tid``."""
-    total = 0
+def thread_ctx_switches(tid: int) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of thread ``tid``."""
+    vol = invol = 0
     try:
         with open(f"/proc/self/task/{tid}/status", encoding="ascii") as fh:
             for line in fh:
-                if line.startswith(("voluntary_ctxt_switches:",
-                                    "nonvoluntary_ctxt_switches:")):
-                    total += int(line.split()[1])
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol = int(line.split()[1])
     except OSError:
         pass
-    return total
+    return vol, invol
 
 
 def thread_cpu_precise(ident: int) -> float:
@@ -156,11 +171,57 @@ def thread_cpu_precise(ident: int) -> float:
         return 0.0
 
 
+def task_totals() -> tuple[int, int, int, frozenset[str]]:
+    """Every thread of this process: (on-CPU ns, voluntary, involuntary, tids).
+
+    On-CPU time is the first field of ``/proc/self/task/<tid>/schedstat``
+    (nanoseconds, exact); the context switches come from each thread's
+    ``status``.  A thread that ends between two listings is skipped.
+    Returns ``(-1, -1, -1, frozenset())`` where ``/proc`` has no tasks.
+    """
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return -1, -1, -1, frozenset()
+    cpu_ns = vol = invol = 0
+    seen = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as fh:
+                ns = int(fh.read().split()[0])
+            v = i = 0
+            with open(f"/proc/self/task/{tid}/status", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"voluntary_ctxt_switches:"):
+                        v = int(line.split()[1])
+                    elif line.startswith(b"nonvoluntary_ctxt_switches:"):
+                        i = int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        cpu_ns += ns
+        vol += v
+        invol += i
+        seen.append(tid)
+    return cpu_ns, vol, invol, frozenset(seen)
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     """The value at rank ``int((n - 1) * q)`` (the C client uses the same rule)."""
     if not sorted_values:
         return float("nan")
     return sorted_values[int((len(sorted_values) - 1) * q)]
+
+
+#: Percentiles of receipt - send reported in ``steady`` mode (key suffix, q).
+DELAY_PERCENTILES: tuple[tuple[str, float], ...] = (
+    ("median", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999), ("max", 1.0))
+
+
+def delay_stats(delays: list[float]) -> dict[str, float]:
+    """``delay_<name>_us`` for :data:`DELAY_PERCENTILES` (sorts ``delays``)."""
+    delays.sort()
+    return {f"delay_{name}_us": percentile(delays, q) * 1e6
+            for name, q in DELAY_PERCENTILES}
 
 
 class Window:
@@ -169,20 +230,38 @@ class Window:
     def __init__(self, client: str, mode: str) -> None:
         self.client = client
         self.mode = mode
-        self.u0, self.s0 = cpu_times()
-        self.u1, self.s1 = self.u0, self.s0
-        self.cs0 = self.cs1 = ctx_switches()
+        self._start = self._end = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, int, tuple[int, int, int, frozenset[str]]]:
+        user, sys_ = cpu_times()
+        return user, sys_, ctx_switches(), task_totals()
 
     def ready(self) -> None:
         """Start the CPU window and tell the driver LISTEN is in effect."""
-        self.u0, self.s0 = cpu_times()
-        self.cs0 = ctx_switches()
+        self._start = self._sample()
         emit("ready")
 
     def stop(self) -> None:
         """End the CPU window (call right after the last receipt)."""
-        self.u1, self.s1 = cpu_times()
-        self.cs1 = ctx_switches()
+        self._end = self._sample()
+
+    def accounting(self) -> dict[str, Any]:
+        u0, s0, cs0, (ns0, v0, i0, tids0) = self._start
+        u1, s1, cs1, (ns1, v1, i1, tids1) = self._end
+        rusage = (u1 - u0) + (s1 - s0)
+        out: dict[str, Any] = {
+            "cpu_s": (ns1 - ns0) / 1e9 if ns0 >= 0 else rusage,
+            "cpu_source": "schedstat" if ns0 >= 0 else "rusage",
+            "cpu_rusage_s": rusage,
+            "cpu_user_s": u1 - u0,
+            "cpu_sys_s": s1 - s0,
+            "ctx_switches": cs1 - cs0,
+        }
+        if ns0 >= 0:
+            out.update(wakeups=v1 - v0, involuntary=i1 - i0, nthreads=len(tids1),
+                       threads_gone=len(tids0 - tids1))
+        return out
 
     def result(
         self,
@@ -199,17 +278,13 @@ class Window:
             "count": count,
             "first": first,
             "last": last,
-            "cpu_s": (self.u1 - self.u0) + (self.s1 - self.s0),
-            "cpu_user_s": self.u1 - self.u0,
-            "cpu_sys_s": self.s1 - self.s0,
-            "ctx_switches": self.cs1 - self.cs0,
+            **self.accounting(),
             "maxrss_kb": maxrss_kb(),
             "last_payload": last_payload[:64],
+            "python": sys.version.split()[0],
         }
         if delays is not None:
-            delays.sort()
-            out["delay_median_us"] = percentile(delays, 0.5) * 1e6
-            out["delay_p99_us"] = percentile(delays, 0.99) * 1e6
+            out.update(delay_stats(delays))
         out.update(extra)
         return out
 
@@ -231,6 +306,28 @@ def finish(result: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 
 
+#: Name of the listener's selector thread (``threading.Thread.name``).
+SELECTOR_NAME = "pglisten-fast-selector"
+
+
+def _pglf_selector(listener: Any) -> threading.Thread | None:
+    """The selector thread of ``listener`` (diagnostics only).
+
+    Found by its thread name; private attributes of the listener are the
+    fallback (their names changed between versions).
+    """
+    named = [t for t in threading.enumerate() if t.name == SELECTOR_NAME]
+    if len(named) == 1:
+        return named[0]
+    for path in (("_life", "thread"), ("_thread",)):
+        obj: Any = listener
+        for attr in path:
+            obj = getattr(obj, attr, None)
+        if isinstance(obj, threading.Thread):
+            return obj
+    return None
+
+
 def _pglf_threads(listener: Any) -> dict[str, tuple[int, int]]:
     """Native and Python ids of the selector and the consumer (main) thread.
 
@@ -238,7 +335,7 @@ def _pglf_threads(listener: Any) -> dict[str, tuple[int, int]]:
     OS level (``/proc/self/task/<tid>/comm``) so that ``perf`` and ``top -H``
     can tell them apart.
     """
-    sel = listener._thread  # diagnostics only: the selector thread object
+    sel = _pglf_selector(listener)
     main = threading.main_thread()
     ids: dict[str, tuple[int, int]] = {
         "consumer": (main.native_id or 0, main.ident or 0)}
@@ -253,11 +350,11 @@ def _pglf_threads(listener: Any) -> dict[str, tuple[int, int]]:
     return ids
 
 
-Snapshot = dict[str, tuple[float, float, float, int]]
+Snapshot = dict[str, tuple[float, float, float, tuple[int, int]]]
 
 
 def _thread_snapshot(ids: dict[str, tuple[int, int]]) -> Snapshot:
-    """Per thread: (user s, sys s, precise CPU s, context switches)."""
+    """Per thread: (user s, sys s, precise CPU s, (voluntary, involuntary))."""
     return {
         name: (*thread_times(tid), thread_cpu_precise(ident),
                thread_ctx_switches(tid))
@@ -267,10 +364,10 @@ def _thread_snapshot(ids: dict[str, tuple[int, int]]) -> Snapshot:
 
 def _thread_report(before: Snapshot, after: Snapshot) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for name, (u0, s0, c0, x0) in before.items():
-        u1, s1, c1, x1 = after[name]
+    for name, (u0, s0, c0, (v0, i0)) in before.items():
+        u1, s1, c1, (v1, i1) = after[name]
         out[name] = {"user_s": u1 - u0, "sys_s": s1 - s0, "cpu_s": c1 - c0,
-                     "ctx_switches": x1 - x0}
+                     "ctx_switches": (v1 + i1) - (v0 + i0), "wakeups": v1 - v0}
     return out
 
 
@@ -289,6 +386,24 @@ DEFAULT_MAX_ITEMS = 4096
 DEFAULT_OVERFLOW = "block"
 
 
+def pglf_read_path() -> dict[str, Any]:
+    """Which read path pglisten_fast chose here, and the psycopg it runs on."""
+    import psycopg
+    from psycopg import pq
+
+    import pglisten_fast as pgl
+
+    try:
+        from pglisten_fast._readpath import REASON as reason
+    except ImportError:  # diagnostics only: a private name
+        reason = None
+    lib = pq.version()
+    return {"impl": pgl.__impl__, "impl_reason": reason,
+            "psycopg": psycopg.__version__, "psycopg_impl": pq.__impl__,
+            "libpq": f"{lib // 10000}.{lib % 10000}",
+            "executable": sys.executable}
+
+
 def run_pglisten_fast(dsn: str, channel: str, n: int, mode: str) -> None:
     import pglisten_fast as pgl
 
@@ -299,8 +414,8 @@ def run_pglisten_fast(dsn: str, channel: str, n: int, mode: str) -> None:
     listener = pgl.Listener(dsn, overflow=overflow,  # type: ignore[arg-type]
                             buffer_size=buffer_size).start()
     max_items = int(os.environ.get(MAX_ITEMS_ENV) or DEFAULT_MAX_ITEMS)
-    extra: dict[str, Any] = {"impl": pgl.__impl__, "overflow": overflow,
-                             "buffer_size": buffer_size, "max_items": max_items}
+    extra: dict[str, Any] = {"overflow": overflow, "buffer_size": buffer_size,
+                             "max_items": max_items, **pglf_read_path()}
 
     if kind == "stalled":
         _pglf_stalled(listener, channel, n, size=int(arg), win=win, extra=extra)
@@ -364,10 +479,14 @@ def run_pglisten_fast(dsn: str, channel: str, n: int, mode: str) -> None:
                 if item.connection_reset:
                     dropped += item.dropped
                     continue
-                count += 1
                 payload = item.payload
                 if delays is not None:
-                    delays.append(now - float(payload))
+                    sent = float(payload)
+                    if sent < 0:  # the sender's end marker
+                        want = count + dropped
+                        break
+                    delays.append(now - sent)
+                count += 1
             last = now
             if progress and count + dropped >= next_progress:
                 next_progress += progress
@@ -480,17 +599,23 @@ def run_psycopg3(dsn: str, channel: str, n: int, mode: str) -> None:
     payload = ""
     win.ready()
     for note in conn.notifies():
-        count += 1
         if delays is not None:
             now = time.time()
-            delays.append(now - float(note.payload))
+            sent = float(note.payload)
+            if sent < 0:  # the sender's end marker
+                break
+            delays.append(now - sent)
+            count += 1
             if count == 1:
                 first = now
-        elif count == 1:
-            first = time.time()
+            last = now
+        else:
+            count += 1
+            if count == 1:
+                first = time.time()
+        payload = note.payload
         if count >= n:
             last = time.time()
-            payload = note.payload
             break
     win.stop()
     finish(win.result(count, first, last, payload, delays))
@@ -512,14 +637,19 @@ def run_psycopg3_pgconn(dsn: str, channel: str, n: int, mode: str) -> None:
         pgconn.consume_input()
         now = time.time() if delays is not None else 0.0
         while (note := pgconn.notifies()) is not None:
-            count += 1
             if delays is not None:
-                delays.append(now - float(note.extra))
+                sent = float(note.extra)
+                if sent < 0:  # the sender's end marker
+                    n = count
+                    break
+                delays.append(now - sent)
+                last = now
+            count += 1
+            payload = note.extra
             if count == 1:
                 first = now or time.time()
             if count == n:
                 last = time.time()
-                payload = note.extra
     win.stop()
     finish(win.result(count, first, last, payload.decode(), delays))
 
@@ -590,17 +720,24 @@ def run_asyncpg(dsn: str, channel: str, n: int, mode: str) -> None:
         state: dict[str, Any] = {"count": 0, "first": 0.0, "last": 0.0, "payload": ""}
 
         def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-            state["count"] = count = state["count"] + 1
             if delays is not None:
                 now = time.time()
-                delays.append(now - float(payload))
+                sent = float(payload)
+                if sent < 0:  # the sender's end marker
+                    done.set()
+                    return
+                delays.append(now - sent)
+                state["last"] = now
+                state["count"] = count = state["count"] + 1
                 if count == 1:
                     state["first"] = now
-            elif count == 1:
-                state["first"] = time.time()
+            else:
+                state["count"] = count = state["count"] + 1
+                if count == 1:
+                    state["first"] = time.time()
+            state["payload"] = payload
             if count == n:
                 state["last"] = time.time()
-                state["payload"] = payload
                 done.set()
 
         await conn.add_listener(channel, on_notify)
@@ -644,12 +781,17 @@ def run_psycopg2(dsn: str, channel: str, n: int, mode: str) -> None:
         if not first:
             first = now
         for note in batch:
-            count += 1
             if delays is not None:
-                delays.append(now - float(note.payload))
+                sent = float(note.payload)
+                if sent < 0:  # the sender's end marker
+                    n = count
+                    break
+                delays.append(now - sent)
+                last = now
+            count += 1
+            payload = note.payload
             if count == n:
                 last = time.time()
-                payload = note.payload
     win.stop()
     finish(win.result(count, first, last, payload, delays))
 
