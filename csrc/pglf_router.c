@@ -226,6 +226,18 @@ static size_t pay_threshold(const pglf_sub *s)
  */
 static int pay_debts(pglf_router *r, pglf_sub *s, size_t min_free)
 {
+    if (pglf_ring_closed(s->ring)) {
+        /* Closed by its consumer (unlisten): nothing new may appear in it,
+         * markers included, and what it was owed no longer matters. */
+        for (uint32_t i = 0; i < s->n && s->owing; i++) {
+            if (s->owed_reason[i] || s->owed_dropped[i]) {
+                s->owed_reason[i] = 0;
+                s->owed_dropped[i] = 0;
+                settle(r, s, i);
+            }
+        }
+        return 0;
+    }
     if (min_free && pglf_ring_free_bytes(s->ring) < min_free &&
         !pglf_ring_producer_wait_arm(s->ring, min_free))
         return 1;
@@ -269,6 +281,11 @@ int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
         reason = PGLF_REASON_LISTEN;   /* the first marker is always "listen" */
     else if (reason != PGLF_REASON_LISTEN && reason != PGLF_REASON_RECONNECT)
         return PGLF_EINVAL;
+    if (pglf_ring_closed(s->ring)) {
+        /* Closed by its consumer: no marker; the subscription is leaving. */
+        s->state[idx] |= ST_ACTIVE | ST_ANNOUNCED;
+        return 0;
+    }
     /* Drops counted before this activation belong before its marker: write
      * their overflow marker first if it fits (else it follows the reason
      * marker, which resets the consumer's state anyway). */
@@ -288,7 +305,8 @@ int pglf_sub_activate(pglf_router *r, pglf_sub *s, uint32_t idx, uint8_t reason)
         s->owed_reason[idx] = reason;
     s->state[idx] |= ST_ACTIVE | ST_ANNOUNCED;
     /* Markers have their reserve: write them as soon as they fit. */
-    return pay_debts(r, s, 0);
+    pay_debts(r, s, 0);
+    return s->owed_reason[idx] != 0;
 }
 
 int pglf_sub_state(const pglf_sub *s, uint32_t idx)
@@ -322,7 +340,9 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
      * before the selector has processed the removal. */
     if (pglf_ring_closed(s->ring))
         return PGLF_OK;
-    if (len <= UINT32_MAX) {
+    /* A record that can never fit is dropped at once: waiting for space
+     * (a "block" ring) could not help. */
+    if (len <= pglf_ring_max_payload(s->ring)) {
         /* Owed markers are paid only with room for them, the reserve and
          * this record (and some slack): see pay_threshold(). */
         size_t min_free = pay_threshold(s);
@@ -368,8 +388,7 @@ static int deliver(pglf_router *r, pglf_sub *s, uint32_t idx, int32_t pid,
     pglf_ring_count_dropped(s->ring, 1);
     /* Ask the consumer to wake the selector once the markers can be paid;
      * if that much space freed meanwhile, pay now (no wake-up would come). */
-    if (rc != PGLF_E2BIG &&
-        pglf_ring_producer_wait_arm(s->ring, pay_threshold(s)))
+    if (pglf_ring_producer_wait_arm(s->ring, pay_threshold(s)))
         pay_debts(r, s, pay_threshold(s));
     return PGLF_OK;
 }

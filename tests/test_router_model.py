@@ -37,8 +37,8 @@ which operation every marker was written, and then checks what the contract
    a connection loss discards it;
 5. the router's counters (received, dropped, markers) are the sums of what
    happened; channel states follow NEW -> LIVE -> PAUSED -> LIVE;
-6. nothing reaches a freed subscription's ring, and no notification reaches
-   a closed ring (markers still do: a known bug, see below).
+6. nothing reaches a freed subscription's ring, and nothing (notification
+   or marker) reaches a ring its consumer closed.
 
 Liveness is checked against generous bounds rather than the heuristics: a
 notification is taken by a ring with ample free space, markers are written at
@@ -48,12 +48,10 @@ the ring was empty, and draining everything then flushing settles the router.
 Deterministic tests at the end run two deep scenarios through the model (an
 overflow marker owed across a reconnect, a reconnect merged into an owed
 "listen"), pin down the slack rule (a stalled consumer gets one overflow
-marker per gap, not a run of dropped=1 markers), and show where the router
-departs from its header (``xfail``): markers written into closed rings, a
-"block" ring that stalls on a record that can never fit, an overflow marker
-for such a record left unpaid, and the return value of ``activate``.  The
-state machine tolerates the first two through the two flags below, narrowly;
-set them to False once the bugs are fixed.
+marker per gap, not a run of dropped=1 markers), and pin four fixed bugs:
+markers written into closed rings, a "block" ring that stalled on a record
+that can never fit, an overflow marker for such a record left unpaid, and
+the return value of ``activate``.
 """
 
 from __future__ import annotations
@@ -92,16 +90,13 @@ CHANNELS: tuple[str, ...] = ("a", "b", "c")
 UNKNOWN: tuple[str, ...] = ("zz", "A")
 MAX_SUBS = 7
 
-#: Known bug: pglf_sub_activate() and pglf_router_flush() write owed markers
-#: into a ring that its consumer already closed (see
-#: test_no_marker_into_a_closed_ring_*).  Tolerated, and every such marker is
-#: still checked like any other.
-CLOSED_RINGS_MAY_GET_MARKERS = True
-#: Known bug: a "block" ring that owes a marker waits for room for a record
-#: larger than its maximum (then drops it) instead of dropping it at once (see
-#: test_block_ring_drops_a_record_that_never_fits_at_once).  Tolerated while
-#: the ring is not empty.
-TOO_BIG_MAY_BLOCK = True
+#: Set to True to tolerate (narrowly) owed markers written into a ring its
+#: consumer closed: a fixed bug (test_no_marker_into_a_closed_ring_*).
+CLOSED_RINGS_MAY_GET_MARKERS = False
+#: Set to True to tolerate a "block" ring waiting for room for a record
+#: larger than its maximum: a fixed bug
+#: (test_block_ring_drops_a_record_that_never_fits_at_once).
+TOO_BIG_MAY_BLOCK = False
 
 
 def rec_size(length: int) -> int:
@@ -163,7 +158,7 @@ class Track:
     def state(self) -> ChannelState:
         if self.active:
             return ChannelState.LIVE
-        return ChannelState.PAUSED if self.acts else ChannelState.NEW
+        return ChannelState.LAPSED if self.acts else ChannelState.NEW
 
 
 @dataclass
@@ -812,12 +807,6 @@ def test_block_ring_keeps_the_notification_aside() -> None:
     sub.free()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "deliver() on a 'block' ring that owes a marker first waits for "
-    "min_free = reserve + markers + the record (capped at the capacity) "
-    "and only then learns from pglf_ring_write() that the record can never "
-    "fit: the router blocks until the consumer has freed that much (here: "
-    "emptied the ring), then drops the record anyway"))
 def test_block_ring_drops_a_record_that_never_fits_at_once() -> None:
     router = Router()
     ring = Ring(4096)
@@ -825,17 +814,12 @@ def test_block_ring_drops_a_record_that_never_fits_at_once() -> None:
     assert sub.activate(0, Reason.LISTEN) is False   # "listen" marker buffered
     too_big = b"x" * ring.capacity                    # PostgreSQL allows 7,999
     assert router.route(b"a", 1, too_big) is False    # dropped: it never fits
-    assert ring.stats()[2] == 1 and router.owing      # an overflow marker owed
-    assert router.route(b"a", 2, too_big) is False    # blocks instead
+    assert ring.stats()[2] == 1                       # counted for its marker
+    assert router.route(b"a", 2, too_big) is False    # dropped too, no block
     assert ring.stats()[2] == 2
     sub.free()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "after dropping a record that can never fit (E2BIG) deliver() neither "
-    "pays the overflow marker nor arms the producer wake-up: with room to "
-    "spare, the marker waits for the next notification of that subscription "
-    "or the next flush"))
 def test_overflow_marker_for_a_record_that_never_fits_is_written_at_once() -> None:
     router = Router()
     ring = Ring(4096)
@@ -863,9 +847,6 @@ def _closed_with_owed_overflow() -> tuple[Router, Ring, RouterSub]:
     return router, ring, sub
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pglf_router_flush() -> pay_debts() writes owed markers into a ring its "
-    "consumer closed; only deliver() checks pglf_ring_closed()"))
 def test_no_marker_into_a_closed_ring_on_flush() -> None:
     router, ring, sub = _closed_with_owed_overflow()
     markers = ring.stats()[3]
@@ -875,9 +856,6 @@ def test_no_marker_into_a_closed_ring_on_flush() -> None:
     sub.free()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pglf_sub_activate() writes its marker into a ring its consumer closed "
-    "(the engine activates subscriptions whose RemoveSub is still queued)"))
 def test_no_marker_into_a_closed_ring_on_activate() -> None:
     router = Router()
     ring = Ring(4096)
@@ -889,9 +867,6 @@ def test_no_marker_into_a_closed_ring_on_activate() -> None:
     sub.free()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pglf_sub_activate() returns whether the subscription still owes any "
-    "marker, not (as documented) whether this channel's marker is owed"))
 def test_activate_reports_its_own_marker() -> None:
     router = Router()
     ring = Ring(4096)
