@@ -166,8 +166,8 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
      * consumers that freed space) asks for attention. */
     pglf_router_set_wake_fd(r, wake_fd);
     pglf_pace *pace = pglf_router_pace(r);
-    int64_t idle_us = timeout_ms >= 0 ? (int64_t)timeout_ms * 1000 : -1;
-    int64_t deadline = idle_us >= 0 ? pglf_mono_us() + idle_us : -1;
+    int64_t deadline = timeout_ms >= 0 ? pglf_mono_us() + (int64_t)timeout_ms * 1000
+                                       : -1;
     int64_t hold_until = -1;   /* consumers owed a wake-up by then */
     for (;;) {
         /* Queries are sent in non-blocking mode: push what is left of them
@@ -224,8 +224,6 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
                 hold_until = now + PGLF_HOLD_US;
             else
                 pglf_router_wake(r);
-            if (deadline >= 0)
-                deadline = now + idle_us;
         }
         if (flags) {
             /* Back to the control path: nobody waits for a wake-up. */

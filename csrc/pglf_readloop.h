@@ -40,7 +40,7 @@
 
 /* pglf_run / pglf_pump result flags */
 #define PGLF_RUN_WAKE 1      /* the wake-up fd is readable */
-#define PGLF_RUN_TIMEOUT 2   /* no byte from the server for timeout_ms */
+#define PGLF_RUN_TIMEOUT 2   /* timeout_ms elapsed */
 #define PGLF_RUN_RESULT 4    /* the outstanding query has results to collect */
 #define PGLF_RUN_ERROR 8     /* libpq reported an error: see PQerrorMessage */
 #define PGLF_RUN_BLOCKED 16  /* a "block" ring is full; the socket is not read */
@@ -59,9 +59,9 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn);
 /*
  * The selector's wait loop: poll the libpq socket (unless blocked) and
  * `wake_fd`, pump whenever the socket is readable, and return only for a
- * control event: the wake-up fd, `timeout_ms` without a byte from the
- * server (< 0: none), results of the outstanding query, an error, or a
- * newly blocked ring.  Returns PGLF_RUN_* flags.  Consumers are woken
+ * control event: the wake-up fd, `timeout_ms` elapsed (< 0: none; the
+ * health-check schedule, kept whatever the traffic), results of the
+ * outstanding query, an error, or a newly blocked ring.  Returns PGLF_RUN_* flags.  Consumers are woken
  * before it returns; within it, at most PGLF_HOLD_US after a notification
  * of theirs was routed (see PGLF_HOLD_US).
  */

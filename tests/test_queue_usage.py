@@ -76,3 +76,30 @@ def test_queue_usage_is_sampled_and_warned(
         wait_until(lambda: _events(caplog, "queue_normal"))
         # The listener itself read everything all along.
         wait_until(lambda: listener.stats.received == N + 1)
+
+
+def test_queue_usage_is_sampled_under_steady_traffic(dsn: str, conn: Conn) -> None:
+    # Notifications every few milliseconds never leave the connection idle
+    # for a whole health-check interval: the checks run on a schedule anyway.
+    import threading
+
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            i = 0
+            while not stop.wait(0.005):
+                pgl.notify(c, "busy", str(i))
+                i += 1
+
+    with pgl.Listener(dsn, health_check_interval=0.2) as listener:
+        listen_ready(listener, "busy")
+        t = threading.Thread(target=trickle)
+        t.start()
+        try:
+            wait_until(lambda: listener.stats.received > 20, message="traffic")
+            wait_until(lambda: listener.stats.queue_usage is not None,
+                       message="a queue sample despite the traffic")
+        finally:
+            stop.set()
+            t.join()

@@ -16,9 +16,12 @@ Connection life cycle::
         pending UNLISTEN/LISTEN --> markers, targets active --> steady state
     any failure --> deactivate every target, close, back off, reconnect
 
-Where the parts live: channel bookkeeping in :mod:`._channels`, queries
-and their answers in :mod:`._queries`, connection sources and backoff in
-:mod:`._connect`, routing in :mod:`._router`, the subscriptions in :mod:`._subs`.
+Where the parts live: one connection's queries, health checks and probes
+in :mod:`._session`, channel bookkeeping in :mod:`._channels`, queries and
+their answers in :mod:`._queries`, connection sources and backoff in
+:mod:`._connect`, routing in :mod:`._router`, the subscriptions in
+:mod:`._subs`.  This module holds the thread, the commands, connecting and
+reconnecting, and the teardown.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from typing import Any
 
 import psycopg
 
-from . import _queries as queries
 from ._channels import ChannelBook
 from ._commands import AddSub, Command, SubSpec
 from ._connect import (
@@ -44,18 +46,13 @@ from ._connect import (
 )
 from ._log import fields, logger
 from ._probe import DeliveryCheck
-from ._queries import Query, QueryKind
-from ._readpath import ReadPath, open_read_path
 from ._ring import Ring, WakeFd
-from ._router import Router, RouterCounters, RunFlag
+from ._router import Router, RouterCounters
+from ._session import Context, Session, error_class
 from ._state import ListenerState
 from ._subs import Registry
 
 __all__ = ["Engine"]
-
-
-#: Deadline allowance for very large LISTEN batches, per statement.
-_SECONDS_PER_STATEMENT = 1e-4
 
 
 class Engine:
@@ -96,22 +93,19 @@ class Engine:
         self._book = ChannelBook()
         self._subs = Registry(self._router, self._book)
 
-        self._queue_warning = queue_warning
-        self._queue_high = False
         self._check = DeliveryCheck(source, self.wake, delivery_probes,
                                     health_check_timeout)
-
-        self._conn: psycopg.Connection[Any] | None = None
-        self._reader: ReadPath | None = None
-        self._ready = False                 # INIT query done
-        self._usable = False                # and delivery proven if needed
-        self._query: Query | None = None
+        self._ctx = Context(
+            router=self._router, book=self._book, subs=self._subs,
+            check=self._check, wake=self.wake, state=state,
+            hc_interval=health_check_interval, hc_timeout=health_check_timeout,
+            queue_warning=queue_warning,
+            process_commands=self._process_commands, on_usable=self._usable,
+        )
+        self._session: Session | None = None
         self._attempt: ConnectAttempt | None = None
         self._next_connect = 0.0
-        self._connected_at = 0.0
-        self._server_pid: int | None = None
         self._ever_connected = False
-        self._blocked_logged = False
 
     # ------------------------------------------------------------------
     # API threads
@@ -148,7 +142,7 @@ class Engine:
                 except Exception as e:
                     logger.exception("unexpected error in the selector "
                                      "thread; resetting the connection",
-                                     extra=self._fields("internal_error", error=e))
+                                     extra=self._fields("internal_error", e))
                     self._lost(f"internal error: {e!r}", e)
         finally:
             self.teardown()
@@ -179,31 +173,37 @@ class Engine:
 
     # ------------------------------------------------------------------
     def _step(self) -> None:
-        self._process_commands()
-        if self._stopping:
+        if self._process_commands():
             return
-        if self._conn is None:
+        if self._session is None:
             self._step_disconnected()
         else:
-            self._step_connected()
+            self._session.step()
 
-    def _process_commands(self) -> None:
+    def _process_commands(self) -> bool:
+        """Run the queued commands; True when the thread must stop."""
         changed = False
         while self._commands:
             cmd = self._commands.popleft()
             if isinstance(cmd, AddSub):
                 self._add(cmd.spec)
             else:
-                self._remove(cmd.spec)
+                self._subs.remove(cmd.spec)
             changed = True
-        if changed:
-            self._sync()
+        if changed and self._session is not None:
+            self._session.sync()
+        return self._stopping
 
     def _add(self, spec: SubSpec) -> None:
-        self._subs.add(spec, lambda ch: self._usable and self._book.in_effect(ch))
+        session = self._session
+        self._subs.add(spec, lambda ch: session is not None and session.usable
+                       and self._book.in_effect(ch))
 
-    def _remove(self, spec: SubSpec) -> None:
-        self._subs.remove(spec)
+    def _fields(self, event: str, error: BaseException | None = None,
+                **values: object) -> dict[str, object]:
+        if self._session is not None:
+            return self._session.fields(event, error, **values)
+        return fields(event, error_class=error_class(error), **values)
 
     # ------------------------------------------------------------------
     # disconnected
@@ -251,8 +251,7 @@ class Engine:
         self._next_connect = time.monotonic() + delay
         logger.warning("connection attempt failed (%s); "
                        "retrying in %.2f s", msg, delay,
-                       extra=self._fields("connect_failed", error=err,
-                                          retry_delay=delay))
+                       extra=self._fields("connect_failed", err, retry_delay=delay))
 
     def _report_first(self, err: BaseException | None) -> bool:
         """Report the outcome of the first attempt; False: stop retrying."""
@@ -268,357 +267,42 @@ class Engine:
         try:
             if not conn.autocommit:
                 conn.autocommit = True
-            pgconn = conn.pgconn
-            pgconn.nonblocking = 1
+            conn.pgconn.nonblocking = 1
         except Exception as e:
             self._source.release(conn)
             self._connect_failed(e)
             return
-        self._conn = conn
-        self._reader = open_read_path(self._router, pgconn, self.wake.rfd,
-                                      lambda: self._query is not None)
-        self._connected_at = time.monotonic()
-        self._ready = False
-        self._blocked_logged = False
-        self._send(queries.init_sql(pgconn.parameter_status(b"server_encoding")),
-                   QueryKind.INIT)
-
-    # ------------------------------------------------------------------
-    # connected
-    def _deadline(self) -> float | None:
-        return time.monotonic() + self._hc_timeout if self._hc_timeout > 0 else None
-
-    def _send(self, sql: bytes, kind: QueryKind, **kw: Any) -> Query:
-        assert self._conn is not None
         try:
-            self._conn.pgconn.send_query(sql)
-        except psycopg.Error as e:
-            raise SessionLost(f"cannot send a query: {e}") from e
-        self._query = q = Query(kind, self._deadline(), **kw)
-        self._router.set_busy(True)
-        return q
+            self._session = Session(self._ctx, conn)
+        except BaseException:
+            self._source.release(conn)
+            raise
 
-    def _step_connected(self) -> None:
-        assert self._reader is not None
-        # A consumer may have freed space (or a full "block" subscription may
-        # have left) since the last look: settle that before sleeping, since
-        # what libpq already buffered would not wake the poll.
-        flags = self._flush_router()
-        if flags:
-            self._handle(flags)
-            return
-        q = self._query
-        if self._router.blocked:
-            # The socket is not read while blocked: no pings, and no answer to
-            # an outstanding query can arrive, so no deadline either.
-            timeout = -1.0
-        elif q is not None:
-            timeout = -1.0 if q.deadline is None else \
-                max(0.0, q.deadline - time.monotonic())
-        elif self._hc_interval > 0:
-            timeout = self._hc_interval
-        else:
-            timeout = -1.0
-        if self._check.deadline is not None and not self._router.blocked:
-            left = max(0.0, self._check.deadline - time.monotonic())
-            timeout = left if timeout < 0 else min(timeout, left)
-        self._handle(self._reader.run(timeout))
-
-    def _handle(self, flags: RunFlag) -> None:
-        while flags:
-            if flags & RunFlag.ERROR:
-                assert self._conn is not None
-                raise SessionLost(queries.text(self._conn.pgconn.error_message)
-                                  or "connection lost")
-            nxt = RunFlag.NONE
-            if flags & RunFlag.WAKE:
-                self.wake.clear()
-                self._process_commands()
-                if self._stopping:
-                    return
-                if self._check.pending:
-                    self._probe_arrived()
-                nxt |= self._flush_router()
-            if flags & RunFlag.BLOCKED and not self._blocked_logged:
-                self._blocked_logged = True
-                logger.info("a subscription with overflow='block' is "
-                            "full; reading paused until its consumer catches up",
-                            extra=self._fields("block_paused"))
-            if flags & RunFlag.RESULT:
-                nxt |= self._collect()
-            if flags & RunFlag.TIMEOUT:
-                self._timeout()
-            flags = nxt
-
-    def _flush_router(self) -> RunFlag:
-        """Pay owed markers and retry a kept-aside notification after a wake-up.
-
-        Returns read-path flags: once unblocked, what libpq holds is read.
-        """
-        router = self._router
-        was_blocked = router.blocked
-        if not (was_blocked or router.owing) or router.flush():
-            return RunFlag.NONE
-        if not was_blocked:
-            return RunFlag.NONE
-        self._blocked_logged = False
-        q = self._query
-        if q is not None and q.deadline is not None:
-            # Its answer could not be read while blocked: the clock starts
-            # again now.
-            q.deadline = max(q.deadline, self._deadline() or 0.0)
-        self._sync()  # LISTENs requested while blocked
-        assert self._reader is not None
-        return self._reader.pump()
-
-    def _timeout(self) -> None:
-        if self._router.blocked:
-            return
-        now = time.monotonic()
-        if self._check.overdue(now) and not self._probe_arrived():
-            raise SessionLost(
-                "notifications committed by another session did not reach "
-                f"the listener within {self._check.timeout:g} s: the "
-                "connection goes through a pooler that does not keep the "
-                "session (e.g. PgBouncer pool_mode=transaction), where LISTEN "
-                "cannot work; connect directly or use session pooling")
-        q = self._query
-        if q is not None:
-            if q.deadline is not None and now >= q.deadline:
-                raise SessionLost(f"no answer to the {q.kind.value} within "
-                                  f"{self._hc_timeout:g} s")
-            return
-        if self._hc_interval > 0:
-            if self._check.active and not self._check.pending:
-                # Behind a pooler, a live connection is not enough: prove
-                # that notifications still reach this session.  No query of
-                # ours runs meanwhile (a transaction pooler would link the
-                # session to us for it, and the probe could slip through);
-                # the ping follows the probe.
-                self._check.send(now)
-            elif not self._check.pending:
-                self._send(queries.PING_SQL, QueryKind.PING)
-
-    def _collect(self) -> RunFlag:
-        """Collect results of the outstanding query; returns read-path flags."""
-        q = self._query
-        if q is None or self._conn is None:
-            return RunFlag.NONE
-        pgconn = self._conn.pgconn
-        while True:
-            if pgconn.is_busy():
-                return RunFlag.NONE      # the rest has not arrived yet
-            res = pgconn.get_result()
-            if res is None:
-                break
-            q.results.append(res)
-        self._query = None
-        self._router.set_busy(False)
-        self._query_done(q)
-        # Parsing results may have queued notifications inside libpq.
-        assert self._reader is not None
-        return self._reader.pump()
-
-    def _query_done(self, q: Query) -> None:
-        try:
-            error = queries.first_error(q.results)
-            pid = queries.check_init(q.results) \
-                if error is None and q.kind is QueryKind.INIT else 0
-        except queries.StandbyError as e:
-            raise SessionLost(str(e)) from None
-        if error is not None:
-            msg, sqlstate = error
-            if q.kind is QueryKind.SYNC and q.batch.listen and \
-                    queries.is_refusal(sqlstate):
-                self._sync_refused(msg)
-                return
-            # Anything else (cancelled, out of resources, ...) may pass: the
-            # connection is reset and the whole state replayed.
-            raise SessionLost(f"{q.kind.value} failed: {msg}")
-        if q.kind is QueryKind.PING:
-            self._queue_sampled(queries.queue_usage(q.results))
-            # LISTENs requested while the ping was out go now.
-            self._sync()
-        elif q.kind is QueryKind.INIT:
-            self._session_ready(pid)
-        elif q.kind is QueryKind.SYNC:
-            self._sync_done(queries.sync_pid(q.results))
-
-    def _session_ready(self, pid: int) -> None:
-        assert self._conn is not None
-        self._server_pid = pid
-        self._ready = True
-        client_pid = self._conn.pgconn.backend_pid
-        # The key data came from something other than the backend: a pooler.
-        pooled = client_pid != pid
-        self._check.begin(pooled)
-        if self._check.active:
-            if pooled:
-                logger.info(
-                    "connected through a connection pooler (client-side pid "
-                    "%d, server backend pid %d); proving delivery before "
-                    "queueing markers", client_pid, pid,
-                    extra=self._fields("pooler_detected"))
-            if not self._check.registered:
-                self._check.registered = True
-                self._subs.add(self._check.spec, lambda ch: False)
-        else:
-            self._session_usable()
-        self._sync()
-
-    def _queue_sampled(self, usage: float | None) -> None:
-        """Publish the server's queue usage; warn while it is high."""
-        if usage is None:
-            return
-        self._publish(queue_usage=usage)
-        high = usage >= self._queue_warning
-        if high and not self._queue_high:
-            logger.warning(
-                "the server's notification queue is %.1f%% full (warning at "
-                "%g%%): a listener that does not read (a full 'block' "
-                "subscription, a session in a long transaction) holds it back; "
-                "when it is full every NOTIFY in the cluster fails",
-                usage * 100, self._queue_warning * 100,
-                extra=self._fields("queue_high", queue_usage=usage))
-        elif not high and self._queue_high:
-            logger.info("the server's notification queue is back to %.1f%%",
-                        usage * 100,
-                        extra=self._fields("queue_normal", queue_usage=usage))
-        self._queue_high = high
-
-    def _fields(self, event: str, error: BaseException | None = None,
-                **values: object) -> dict[str, object]:
-        """Structured log fields, with the backend pid while connected."""
-        return fields(event, backend_pid=self._server_pid if self._ready else None,
-                      error_class=_class(error), **values)
-
-    def _session_usable(self) -> None:
-        """The session is ready and, if it needed proving, proven."""
-        pid = self._server_pid
-        self._usable = True
-        self._publish(connected=True, backend_pid=pid,
-                      connect=True, reconnect=self._ever_connected)
+    def _usable(self, pid: int) -> None:
+        """The session is ready (and proven, behind a pooler)."""
+        self._state.publish(connected=True, backend_pid=pid,
+                            connect=True, reconnect=self._ever_connected)
         self._ever_connected = True
         logger.info("connected (backend pid %d)", pid,
                     extra=self._fields("connected"))
         self._report_first(None)
 
-    def _probe_arrived(self) -> bool:
-        """Check for the pending probe; on the first proof of a connection,
-        queue the markers held back until now."""
-        if not self._check.arrived():
-            return False
-        if not self._check.proven:
-            self._check.proven = True
-            logger.info("delivery from other sessions proven (backend pid %s)",
-                        self._server_pid, extra=self._fields("delivery_proven"))
-            self._subs.listened(self._book.confirmed)
-            self._session_usable()
-        # Queries held back while the probe was out.
-        self._sync()
-        if self._query is None and self._hc_interval > 0:
-            self._send(queries.PING_SQL, QueryKind.PING)
-        return True
-
-    def _sync_done(self, pid: int) -> None:
-        if pid != self._server_pid:
-            raise SessionLost(
-                "LISTEN ran in a different server session than the one this "
-                f"connection started with (backend pid {pid} != "
-                f"{self._server_pid}): the connection goes through a "
-                "transaction-pooling proxy (e.g. PgBouncer pool_mode="
-                "transaction), which cannot keep LISTEN; connect directly or "
-                "use session pooling")
-        batch = self._book.confirm()
-        # Published before the markers are queued: a consumer that sees the
-        # "listen" marker also sees the channel in listener.channels.
-        # The private probe channel is not the user's business.
-        self._publish(channels=self._book.confirmed - set(self._check.spec.channels))
-        check = self._check
-        if check.proven:
-            self._subs.listened(batch.listen)
-        elif check.spec.channels[0] in batch.listen:
-            # Only the probe channel goes live before the proof: the others'
-            # markers wait until a probe from another session has arrived.
-            self._subs.listened(check.spec.channels)
-            check.send(time.monotonic())
-        if batch.listen or batch.unlisten:
-            logger.debug("LISTEN %d, UNLISTEN %d channel(s)",
-                         len(batch.listen), len(batch.unlisten),
-                         extra=self._fields("listen_synced"))
-        self._sync()
-
-    def _sync_refused(self, msg: str) -> None:
-        """The server refused a LISTEN/UNLISTEN batch; nothing of it took effect.
-
-        One refused channel must not cost the others their connection: the
-        channels are retried one per query, and the subscriptions of a
-        channel refused on its own are closed (their consumers get Closed
-        once drained) with the reason logged and kept in ``last_error``.
-        """
-        ch = self._book.refuse()
-        if ch is not None:
-            reason = f"LISTEN {ch!r} refused by the server: {msg}"
-            logger.error("%s; closing its subscriptions", reason,
-                         extra=self._fields("listen_refused", channel=ch))
-            self._publish(last_error=reason)
-            for spec in self._subs.on_channel(ch):
-                self._remove(spec)
-        else:
-            logger.warning("LISTEN/UNLISTEN batch refused by the server (%s); "
-                           "retrying channel by channel", msg,
-                           extra=self._fields("listen_batch_refused"))
-        self._sync()
-
-    def _sync(self) -> None:
-        """Send every pending LISTEN/UNLISTEN in one round trip."""
-        if not self._ready or self._query is not None or self._conn is None:
-            return
-        if self._check.pending:
-            # No query while a probe is out (see _timeout); sent when it
-            # arrives.
-            return
-        if self._router.blocked:
-            # Its answer could not be read until a "block" consumer catches
-            # up; sent then (see _flush_router).
-            return
-        batch = self._book.next_batch()
-        if batch is None:
-            return
-        q = self._send(queries.sync_sql(self._conn.pgconn, batch), QueryKind.SYNC,
-                       batch=batch)
-        if q.deadline is not None:
-            # Allow for very large channel sets (thousands of statements).
-            n = len(batch.listen) + len(batch.unlisten)
-            q.deadline += n * _SECONDS_PER_STATEMENT
-
+    # ------------------------------------------------------------------
+    # connected
     # ------------------------------------------------------------------
     # loss
     def _close_conn(self) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        self._conn = None
-        self._query = None
-        self._ready = self._usable = False
-        self._check.begin(pooled=False)
-        self._router.set_busy(False)
-        self._router.deactivate_all()
-        # A notification kept aside for a full "block" ring belongs to the
-        # old connection: with every target inactive, flushing discards it.
-        self._router.flush()
-        self._book.reset()
-        self._source.release(conn)
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+            self._source.release(session.conn)
 
     def _lost(self, reason: str, error: BaseException | None = None) -> None:
         reason = " ".join(reason.split())  # libpq's messages span lines
-        pid = self._server_pid if self._ready else None
-        was_connected = self._conn is not None
-        lived = time.monotonic() - self._connected_at if was_connected else 0.0
-        ready = self._usable
+        session = self._session
+        pid = session.server_pid if session is not None and session.ready else None
+        lived = time.monotonic() - session.opened_at if session is not None else 0.0
+        ready = session is not None and session.usable
         self._close_conn()
         self._publish(connected=False, channels=frozenset(), last_error=reason)
         if self._stopping:
@@ -634,8 +318,4 @@ class Engine:
         logger.warning("connection lost (%s); reconnecting in %.2f s",
                        reason, delay,
                        extra=fields("connection_lost", backend_pid=pid,
-                                    retry_delay=delay, error_class=_class(error)))
-
-
-def _class(error: BaseException | None) -> str | None:
-    return None if error is None else type(error).__name__
+                                    retry_delay=delay, error_class=error_class(error)))

@@ -292,8 +292,8 @@ class ReadPath(Protocol):
     name: str
 
     def run(self, timeout: float) -> RunFlag:
-        """Wait, read, route until a control event or ``timeout`` seconds
-        without a byte from the server (< 0: no limit)."""
+        """Wait, read, route until a control event or until ``timeout``
+        seconds have passed (< 0: no limit)."""
 
     def pump(self) -> RunFlag:
         """Read and route what the connection holds now, without waiting."""
@@ -393,8 +393,6 @@ class PythonReadPath:
                     flags |= RunFlag.WAKE
                 elif ev & ~select.POLLOUT and not blocked:
                     flags |= self.pump()
-                    if deadline is not None:
-                        deadline = time.monotonic() + timeout
             if flags:
                 return flags
 

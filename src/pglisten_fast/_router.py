@@ -25,7 +25,7 @@ class RunFlag(enum.IntFlag):
 
     NONE = 0
     WAKE = lib.PGLF_RUN_WAKE          # the wake-up fd is readable
-    TIMEOUT = lib.PGLF_RUN_TIMEOUT    # no byte from the server in time
+    TIMEOUT = lib.PGLF_RUN_TIMEOUT    # the time asked for has passed
     RESULT = lib.PGLF_RUN_RESULT      # the outstanding query has its results
     ERROR = lib.PGLF_RUN_ERROR        # libpq reported an error
     BLOCKED = lib.PGLF_RUN_BLOCKED    # a full "block" ring stopped the reading

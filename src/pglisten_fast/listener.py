@@ -66,7 +66,8 @@ class Listener:
         (libpq's own ``connect_timeout`` in ``conninfo`` takes precedence).
     :param reconnect_delay: first retry delay in seconds; doubles on each
         failure up to ``max_reconnect_delay``, with +/-20 % jitter.
-    :param health_check_interval: idle seconds before a ping; 0 disables.
+    :param health_check_interval: seconds between health checks (a query
+        that also samples the server's notification queue); 0 disables.
     :param health_check_timeout: a ping (or LISTEN) unanswered for this long
         means the connection is dead.
     :param buffer_size: default ring size in bytes of each subscription
