@@ -63,20 +63,20 @@ def _child(scenario: str, dsn: str) -> dict[str, Any]:
     if scenario == "global-after":
         out["global"] = _load_system_libpq()
     import pglisten_fast as pgl  # noqa: PLC0415
-    from pglisten_fast import _engine, _readpath  # noqa: PLC0415
+    from pglisten_fast import _readpath, _session  # noqa: PLC0415
 
     out.update(psycopg=psycopg.__version__, psycopg_impl=psycopg.pq.__impl__,
                libpq_version=psycopg.pq.version(), impl=pgl.__impl__,
                libpq=_readpath.LIBPQ, reason=_readpath.REASON)
     readers: list[str] = []
-    real_open = _engine.open_read_path
+    real_open = _session.open_read_path
 
     def recording_open(*args: Any, **kw: Any) -> Any:
         reader = real_open(*args, **kw)
         readers.append(reader.name)
         return reader
 
-    _engine.open_read_path = recording_open  # type: ignore[assignment]
+    _session.open_read_path = recording_open  # type: ignore[assignment]
     with pgl.Listener(dsn) as lst, psycopg.connect(dsn, autocommit=True) as conn:
         sub = lst.listen("c_path_smoke")
         marker = sub.get(timeout=20)
