@@ -319,8 +319,10 @@ class Session:
             self._check.proven = True
             logger.info("delivery from other sessions proven (backend pid %s)",
                         self.server_pid, extra=self.fields("delivery_proven"))
-            self._subs.listened(self._book.confirmed)
+            # State first (connected, counters), then the markers: whoever
+            # sees a marker also sees the listener connected.
             self._session_usable()
+            self._subs.listened(self._book.confirmed)
         # Queries held back while the probe was out.
         self.sync()
         if self._query is None and self._hc_interval > 0:
