@@ -7,7 +7,7 @@ The suites are not part of the test-suite (``testpaths = ["tests"]`` in
 
 They reuse the test-suite's database fixtures (``tests/fix_db.py``:
 ``pg_server``, ``dsn``, ``conn``), which start one private PostgreSQL
-cluster per session, or use ``PGLISTEN_TEST_DSN`` when it is set.
+cluster per session, or use ``PGLISTEN_FAST_TEST_DSN`` when it is set.
 """
 
 from __future__ import annotations

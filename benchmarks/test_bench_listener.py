@@ -5,7 +5,7 @@ pytest-benchmark suite, not part of the test-suite; run with::
     python -m pytest benchmarks -p no:cacheprovider --benchmark-only
 
 Uses the ``pg_server`` fixture of ``tests/fix_db.py`` (a private cluster, or
-``PGLISTEN_TEST_DSN``).  Each round is a burst of :data:`N` notifications of
+``PGLISTEN_FAST_TEST_DSN``).  Each round is a burst of :data:`N` notifications of
 32 bytes queued in one transaction:
 
 * ``from_commit``: the timed part is COMMIT + receiving all N through
