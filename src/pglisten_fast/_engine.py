@@ -79,8 +79,6 @@ class Engine:
     ) -> None:
         self._source = source
         self._backoff = Backoff(reconnect_delay, max_reconnect_delay)
-        self._hc_interval = health_check_interval
-        self._hc_timeout = health_check_timeout
         self._state = state
         self._publish = state.publish
         self._first_attempt_reported = False
@@ -280,8 +278,8 @@ class Engine:
 
     def _usable(self, pid: int) -> None:
         """The session is ready (and proven, behind a pooler)."""
-        self._state.publish(connected=True, backend_pid=pid,
-                            connect=True, reconnect=self._ever_connected)
+        self._publish(connected=True, backend_pid=pid,
+                      connect=True, reconnect=self._ever_connected)
         self._ever_connected = True
         logger.info("connected (backend pid %d)", pid,
                     extra=self._fields("connected"))
