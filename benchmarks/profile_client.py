@@ -146,6 +146,8 @@ def main() -> int:
         if use_perf and data.exists():
             print("\nperf: samples by thread")
             print(perf_report(data, "comm", 0.5, 20))
+            print("\nperf: by thread and shared object")
+            print(perf_report(data, "comm,dso", 0.5, 20))
             print("\nperf: by thread, shared object, symbol")
             print(perf_report(data, "comm,dso,sym", 0.3, args.top))
         out = compare.RESULTS_DIR / f"profile-{args.client}-{args.scenario}.json"

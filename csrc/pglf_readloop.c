@@ -114,21 +114,23 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
 }
 
 /*
- * Whether to hold the consumers' wake-up after a read that routed
- * notifications at `now`: when reads come closer together than
- * PGLF_STREAM_GAP_US on average (a stream of over ~10,000 a second), the
- * consumers and this thread are both better off batching: the thread
- * sleeps up to PGLF_HOLD_US without watching the socket, then reads what
- * arrived meanwhile in one go and wakes each consumer once.  A trickle, or
- * the first notification after a quiet spell, wakes them at once.
+ * Whether to batch the next PGLF_HOLD_US: called after a read that routed
+ * `routed` (> 0) notifications at `now`.  The pace is the smoothed time per
+ * notification between reads; under PGLF_STREAM_GAP_US (a stream of over
+ * ~10,000 a second) the consumers and this thread are both better off
+ * batching: the thread sleeps through a window without watching the
+ * socket, then reads what arrived meanwhile in one go and wakes each
+ * consumer once, and goes on window after window while the stream lasts.
+ * A trickle, or the first notification after a quiet spell, wakes them at
+ * once.
  */
-static int hold_wakeup(pglf_pace *pace, int64_t now)
+static int hold_wakeup(pglf_pace *pace, int64_t now, unsigned routed)
 {
     if (pace->last_us != 0) {
-        int64_t gap = now - pace->last_us;
+        int64_t per = (now - pace->last_us) / (int64_t)routed;
         /* Smoothed over about four reads; one long gap resets it. */
-        pace->gap_us = gap > PGLF_HOLD_US * 4 ? gap
-                                              : pace->gap_us + (gap - pace->gap_us) / 4;
+        pace->gap_us = per > PGLF_HOLD_US * 4 ? per
+                                              : pace->gap_us + (per - pace->gap_us) / 4;
     } else {
         pace->gap_us = PGLF_HOLD_US * 4;
     }
@@ -178,15 +180,26 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             return PGLF_RUN_ERROR;
         int blocked = pglf_router_blocked(r);
         int64_t now = pglf_mono_us();
-        if (hold_until >= 0 && (now >= hold_until || blocked)) {
+        int timed_out = deadline >= 0 && now >= deadline;
+        if (hold_until >= 0 && (now >= hold_until || blocked || timed_out)) {
             /* The batch window is over: take in what arrived meanwhile,
              * then wake the consumers of everything routed. */
-            unsigned routed;
+            unsigned routed = 0;
             int flags = blocked ? 0 : pump_core(r, pq, conn, &routed);
             pglf_router_wake(r);
             hold_until = -1;
             if (flags)
                 return flags;
+            if (timed_out)
+                return PGLF_RUN_TIMEOUT;
+            /* While the stream keeps its pace, the next window starts at
+             * once: the socket is not watched in between, so this thread
+             * wakes once per window, not once per read. */
+            if (routed) {
+                now = pglf_mono_us();
+                if (!pglf_router_busy(r) && hold_wakeup(pace, now, routed))
+                    hold_until = now + PGLF_HOLD_US;
+            }
             continue;
         }
         /* While holding, the socket is not watched for input: what arrives
@@ -220,7 +233,7 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             unsigned routed;
             flags |= pump_core(r, pq, conn, &routed);
             now = pglf_mono_us();
-            if (routed && !flags && !pglf_router_busy(r) && hold_wakeup(pace, now))
+            if (routed && !flags && !pglf_router_busy(r) && hold_wakeup(pace, now, routed))
                 hold_until = now + PGLF_HOLD_US;
             else
                 pglf_router_wake(r);
