@@ -10,14 +10,16 @@
  * (PGLF_RING_ABI, see pglf_ring.h) is there to be compared at import with
  * the cffi module's pglf_ring_abi().
  *
- * Thread role: drain() is the ring's consumer; the Python caller holds the
- * subscription's consumer lock, so at most one thread runs it per ring.
+ * Thread role: drain() and take() are the ring's consumer; the Python
+ * caller holds the subscription's consumer lock, so at most one thread runs
+ * them per ring.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
 #include <string.h>
 
+#include "pglf_platform.h"
 #include "pglf_ring.h"
 
 typedef struct {
@@ -336,24 +338,10 @@ PyDoc_STRVAR(drain_doc,
              "UTF-8; raw=True gives payloads as bytes, undecoded.  The caller "
              "must be the ring's only consumer.");
 
-static PyObject *records_drain(PyObject *self, PyObject *args)
+/* Consume up to max_items records of r as a list (empty if none). */
+static PyObject *drain_ring(pglf_ring *r, PyObject *channels, Py_ssize_t max_items,
+                            const char *encoding, int raw)
 {
-    (void)self;
-    unsigned long long addr;
-    PyObject *channels;
-    Py_ssize_t max_items;
-    const char *encoding = NULL;
-    int raw = 0;
-    if (!PyArg_ParseTuple(args, "KO!n|zp:drain", &addr, &PyTuple_Type, &channels,
-                          &max_items, &encoding, &raw))
-        return NULL;
-    if (addr == 0) {
-        PyErr_SetString(PyExc_ValueError, "null ring");
-        return NULL;
-    }
-    if (encoding && (strcmp(encoding, "utf-8") == 0 || strcmp(encoding, "utf8") == 0))
-        encoding = NULL;
-    pglf_ring *r = (pglf_ring *)(uintptr_t)addr;
     if (max_items <= 0)
         return PyList_New(0);
     /* Count first (cheap: headers only), so the list is allocated once. */
@@ -402,8 +390,103 @@ static PyObject *records_drain(PyObject *self, PyObject *args)
     return out;
 }
 
+static pglf_ring *ring_at(unsigned long long addr)
+{
+    if (addr == 0) {
+        PyErr_SetString(PyExc_ValueError, "null ring");
+        return NULL;
+    }
+    return (pglf_ring *)(uintptr_t)addr;
+}
+
+static PyObject *records_drain(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long addr;
+    PyObject *channels;
+    Py_ssize_t max_items;
+    const char *encoding = NULL;
+    int raw = 0;
+    if (!PyArg_ParseTuple(args, "KO!n|zp:drain", &addr, &PyTuple_Type, &channels,
+                          &max_items, &encoding, &raw))
+        return NULL;
+    pglf_ring *r = ring_at(addr);
+    if (r == NULL)
+        return NULL;
+    if (encoding && (strcmp(encoding, "utf-8") == 0 || strcmp(encoding, "utf8") == 0))
+        encoding = NULL;
+    return drain_ring(r, channels, max_items, encoding, raw);
+}
+
+PyDoc_STRVAR(take_doc,
+             "take(ring_address, channels, max_items, timeout_ms, raw) -> list | int\n\n"
+             "Like drain() with UTF-8 payloads, but when the ring is empty wait "
+             "up to timeout_ms (< 0: no limit; 0: do not sleep) with the GIL "
+             "released for records, then drain them: a non-empty list, or the "
+             "wait's result code (PGLF_CLOSED: closed and empty, PGLF_TIMEOUT, "
+             "PGLF_EINTR, PGLF_EINVAL).  One call per consumer wake-up, so no "
+             "Python code runs between the wake-up and the batch.");
+
+static PyObject *records_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "take() takes exactly 5 arguments");
+        return NULL;
+    }
+    unsigned long long addr = PyLong_AsUnsignedLongLong(args[0]);
+    if (addr == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *channels = args[1];
+    if (!PyTuple_Check(channels)) {
+        PyErr_SetString(PyExc_TypeError, "take(): channels must be a tuple");
+        return NULL;
+    }
+    Py_ssize_t max_items = PyLong_AsSsize_t(args[2]);
+    if (max_items == -1 && PyErr_Occurred())
+        return NULL;
+    long timeout_ms = PyLong_AsLong(args[3]);
+    if (timeout_ms == -1 && PyErr_Occurred())
+        return NULL;
+    if (timeout_ms > 0x7fffffffL)
+        timeout_ms = 0x7fffffffL;
+    int raw = PyObject_IsTrue(args[4]);
+    if (raw < 0)
+        return NULL;
+    pglf_ring *r = ring_at(addr);
+    if (r == NULL)
+        return NULL;
+    int64_t deadline = timeout_ms >= 0 ? pglf_mono_ms() + timeout_ms : -1;
+    for (;;) {
+        PyObject *out = drain_ring(r, channels, max_items, NULL, raw);
+        if (out == NULL || PyList_GET_SIZE(out) > 0)
+            return out;
+        Py_DECREF(out);
+        int left = -1;
+        if (deadline >= 0) {
+            int64_t d = deadline - pglf_mono_ms();
+            left = d > 0 ? (int)d : 0;
+        }
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = pglf_ring_wait(r, left);
+        Py_END_ALLOW_THREADS
+        if (rc == PGLF_READY)
+            continue;
+        if (rc == PGLF_CLOSED) {
+            /* Records may have landed just before the close. */
+            out = drain_ring(r, channels, max_items, NULL, raw);
+            if (out == NULL || PyList_GET_SIZE(out) > 0)
+                return out;
+            Py_DECREF(out);
+        }
+        return PyLong_FromLong(rc);
+    }
+}
+
 static PyMethodDef records_methods[] = {
     {"drain", records_drain, METH_VARARGS, drain_doc},
+    {"take", (PyCFunction)(void (*)(void))records_take, METH_FASTCALL, take_doc},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef records_module = {

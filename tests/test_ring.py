@@ -747,6 +747,41 @@ def test_wait_closed_only_after_drained() -> None:
     assert ring.consumer_wait_arm() is True
 
 
+def test_take_drains_without_waiting_when_records_are_there() -> None:
+    ring = Ring(4096)
+    assert ring.write(b"a", chan=1, pid=5) == Status.OK
+    assert ring.write(b"\xff", chan=2, pid=6) == Status.OK
+    got = ring.take(CHANNELS, 1, -1, False)
+    assert got == [Notification("one", "a", 5)]
+    got = ring.take(CHANNELS, 10, -1, True)
+    assert got == [Notification("two", b"\xff", 6)]
+
+
+def test_take_times_out_on_empty_ring() -> None:
+    ring = Ring(4096)
+    assert ring.take(CHANNELS, 10, 0, False) == Status.TIMEOUT
+    t0 = time.monotonic()
+    assert ring.take(CHANNELS, 10, 50, False) == Status.TIMEOUT
+    assert time.monotonic() - t0 >= 0.045
+
+
+def test_take_closed_only_after_drained() -> None:
+    ring = Ring(4096)
+    assert ring.write(b"last") == Status.OK
+    ring.close()
+    assert ring.take(CHANNELS, 10, -1, False) == [Notification("zero", "last", 0)]
+    assert ring.take(CHANNELS, 10, -1, False) == Status.CLOSED
+    assert ring.take(CHANNELS, 10, 0, False) == Status.CLOSED
+
+
+def test_take_keeps_a_record_of_an_unknown_channel() -> None:
+    ring = Ring(4096)
+    assert ring.write(b"x", chan=UNKNOWN_CHAN) == Status.OK
+    with pytest.raises(RuntimeError, match="unknown channel"):
+        ring.take(CHANNELS, 10, 0, False)
+    assert ring.used > 0
+
+
 class _Thread:
     """Run ``fn`` in a thread, keeping its result or exception."""
 
@@ -807,6 +842,23 @@ def test_wait_woken_by_producer_thread() -> None:
     assert waiter.join() == Status.READY
     assert time.monotonic() - t0 < JOIN_TIMEOUT / 2
     assert ring.drain_raw(10) == [RawRecord(Kind.NOTIFY, 0, 3, 17, b"wake up")]
+
+
+def test_take_sleeps_until_a_producer_thread_writes() -> None:
+    ring = Ring(4096)
+    waiter = _Thread(lambda: ring.take(CHANNELS, 10, int(JOIN_TIMEOUT * 1000), False))
+    _until_consumer_sleeps(ring, waiter)
+    assert ring.write(b"wake up", chan=3, pid=17) == Status.OK
+    ring.wake_consumer()
+    assert waiter.join() == [Notification("three", "wake up", 17)]
+
+
+def test_take_woken_by_close() -> None:
+    ring = Ring(4096)
+    waiter = _Thread(lambda: ring.take(CHANNELS, 10, -1, False))
+    _until_consumer_sleeps(ring, waiter)
+    ring.close()
+    assert waiter.join() == Status.CLOSED
 
 
 def test_wait_woken_by_close() -> None:

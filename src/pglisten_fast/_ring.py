@@ -59,6 +59,11 @@ class Status(enum.IntEnum):
     EINTR = lib.PGLF_EINTR        # wait: interrupted by a signal
 
 
+# Result code -> Status by lookup: calling the enum costs a microsecond on
+# the consumer's path.
+_STATUS: dict[int, Status] = {int(s): s for s in Status}
+
+
 class Kind(enum.IntEnum):
     """Record kinds (``PGLF_KIND_*``)."""
 
@@ -338,11 +343,11 @@ class Ring:
         reserve: int = 0,
     ) -> Status:
         """Append one record; returns ``OK``, ``FULL`` or ``E2BIG``."""
-        return Status(
+        return _STATUS[
             lib.pglf_ring_write(
                 self._ptr, kind, reason, chan, pid, payload, len(payload), reserve
             )
-        )
+        ]
 
     def write_or_raise(
         self,
@@ -428,7 +433,32 @@ class Ring:
             ms = max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
         if self._idle:
             return Status.CLOSED
-        return Status(lib.pglf_ring_wait(self._ptr, ms))
+        return _STATUS[lib.pglf_ring_wait(self._ptr, ms)]
+
+    def take(
+        self, channels: tuple[str, ...], max_items: int, timeout_ms: int, raw: bool
+    ) -> list[Notification] | Status:
+        """Drain up to ``max_items`` records (UTF-8 payloads, or ``bytes``
+        with ``raw``); if there are none, sleep up to ``timeout_ms`` (< 0: no
+        limit, 0: not at all) with the GIL released for them first.
+
+        Returns a non-empty list, or the wait's result: ``CLOSED`` (closed
+        and empty), ``TIMEOUT``, ``EINTR`` or ``EINVAL`` (the fd cannot be
+        polled).  One C call per wake-up of the consumer.
+        """
+        if self._idle:
+            items = self.drain(channels, max_items, None, raw)
+            return items or Status.CLOSED
+        got = _records.take(self.address, channels, max_items, timeout_ms, raw)
+        return got if got.__class__ is list else _STATUS[got]
+
+    def consumer_closed(self) -> bool:
+        """:attr:`closed` for the consumer, without the release lock.
+
+        Only for the consumer, between waits: the memory cannot go away
+        under it, since it is released only once the consumer has retired.
+        """
+        return self._idle or bool(lib.pglf_ring_closed(self._ptr))
 
     def consumer_wait_arm(self) -> bool:
         """Announce a sleep; True means records (or close) are already there."""

@@ -34,6 +34,13 @@ Overflow = Literal["drop", "block"]
 _MAIN_THREAD_SLICE = 0.25
 
 
+def _millis(seconds: float | None) -> int:
+    """A wait's timeout in whole milliseconds, rounded up (-1: none)."""
+    if seconds is None:
+        return -1
+    return max(0, min(int(seconds * 1000 + 0.999), 2**31 - 1))
+
+
 @dataclass(frozen=True, slots=True)
 class SubscriptionStats:
     """Snapshot of a subscription's counters."""
@@ -173,38 +180,40 @@ class Subscription:
         _fork.check(self._created_in, "Subscription")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or >= 0")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+        lock = self._lock
+        if not lock.acquire(False) and not lock.acquire(
+            timeout=-1 if timeout is None else timeout
+        ):
             return []
         try:
-            main = threading.current_thread() is threading.main_thread()
+            if self._pending:
+                return self._take(max_items)
+            # Every wake-up of a consumer comes through here: one C call
+            # drains the ring, or sleeps (GIL released) and then drains it.
+            ring, channels, raw = self._ring, self._channels, self._raw
+            slice_ = (_MAIN_THREAD_SLICE
+                      if threading.current_thread() is threading.main_thread()
+                      else None)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            left = timeout
             while True:
-                items = self._take(max_items)
-                if items:
-                    return items
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    if self._ring.closed:
-                        raise Closed(f"subscription {self._channels!r} is closed")
-                    return []
-                if self._ring.closed:
-                    # Never sleep on a closed ring: its fd may be gone.
-                    items = self._take(max_items)
-                    if items:
-                        return items
+                if slice_ is not None and (left is None or left > slice_):
+                    left = slice_
+                got = ring.take(channels, max_items, _millis(left), raw)
+                if got.__class__ is list:
+                    return got  # type: ignore[return-value]
+                if got == Status.CLOSED:
                     raise Closed(f"subscription {self._channels!r} is closed")
-                if main and (left is None or left > _MAIN_THREAD_SLICE):
-                    left = _MAIN_THREAD_SLICE
-                rc = self._ring.wait(left)
-                if rc == Status.CLOSED:
-                    # Records may still have arrived before the close.
-                    items = self._take(max_items)
-                    if items:
-                        return items
-                    raise Closed(f"subscription {self._channels!r} is closed")
-                if rc == Status.EINVAL:
+                if got == Status.EINVAL:
                     raise Error("cannot wait on the subscription's wake-up fd")
-                # READY, or TIMEOUT/EINTR: re-check (lets signal handlers run).
+                # TIMEOUT (of the wait or of a main-thread slice) or EINTR:
+                # signal handlers run here; go on until the deadline.
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return []
+                else:
+                    left = None
         finally:
             self._release_consumer()
 
@@ -225,7 +234,7 @@ class Subscription:
             if self._waiters:
                 if ring.consumer_wait_arm():
                     ring.wake.signal()
-            elif ring.closed:
+            elif ring.consumer_closed():
                 ring.retire(drained=not self._pending and ring.used == 0)
             self._lock.release()
 
