@@ -54,3 +54,11 @@ def drain(
     raw: bool = False,
     /,
 ) -> list[Notification]: ...
+def take(
+    ring_address: int,
+    channels: tuple[str, ...],
+    max_items: int,
+    timeout_ms: int,
+    raw: bool,
+    /,
+) -> list[Notification] | int: ...

@@ -450,7 +450,7 @@ class Ring:
             items = self.drain(channels, max_items, None, raw)
             return items or Status.CLOSED
         got = _records.take(self.address, channels, max_items, timeout_ms, raw)
-        return got if got.__class__ is list else _STATUS[got]
+        return got if isinstance(got, list) else _STATUS[got]
 
     def consumer_closed(self) -> bool:
         """:attr:`closed` for the consumer, without the release lock.

@@ -200,8 +200,8 @@ class Subscription:
                 if slice_ is not None and (left is None or left > slice_):
                     left = slice_
                 got = ring.take(channels, max_items, _millis(left), raw)
-                if got.__class__ is list:
-                    return got  # type: ignore[return-value]
+                if isinstance(got, list):
+                    return got
                 if got == Status.CLOSED:
                     raise Closed(f"subscription {self._channels!r} is closed")
                 if got == Status.EINVAL:
