@@ -180,6 +180,8 @@ class Subscription:
         _fork.check(self._created_in, "Subscription")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or >= 0")
+        # The timeout covers waiting for another consumer's turn too.
+        deadline = None if timeout is None else time.monotonic() + timeout
         lock = self._lock
         if not lock.acquire(False) and not lock.acquire(
             timeout=-1 if timeout is None else timeout
@@ -194,8 +196,7 @@ class Subscription:
             slice_ = (_MAIN_THREAD_SLICE
                       if threading.current_thread() is threading.main_thread()
                       else None)
-            deadline = None if timeout is None else time.monotonic() + timeout
-            left = timeout
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             while True:
                 if slice_ is not None and (left is None or left > slice_):
                     left = slice_
