@@ -169,7 +169,7 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
     headers = ["rate", "client", "sent/s", "p50 ms", "p90 ms", "p99 ms",
                "(p99 min-max)", "p99.9 ms", f"p99>{collapse_ms:g}ms",
                "CPU us/notif", "(min-max)", "wake/notif", "idle %",
-               "ack p50 ms", "ok"]
+               "ack p50 ms", "ack p99 ms", "ok"]
     rows: list[list[str]] = []
     summary: list[dict[str, Any]] = []
     for rate in rates:
@@ -228,6 +228,7 @@ def summarize_stream(runs: Sequence[Run], scenario: str, rates: Sequence[int],
                 fmt_num(idle * 100, 0),
                 fmt_ms(s["ack_median_us_median"]) + ("!" if s["server_behind"]
                                                      else ""),
+                fmt_ms(s["ack_p99_us_median"]),
                 f"{n_ok(g)}/{len(g)}"])
     text = table(headers, rows, left=2)
     if any(s.get("server_behind") for s in summary):
