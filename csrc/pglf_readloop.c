@@ -45,10 +45,10 @@ static int readable_now(int sock, int wake_fd)
  * Read and route what the socket has, without the final wake-up of the
  * consumers (the caller decides when).  *routed counts the notifications.
  * During a burst consumers are still woken every PGLF_WAKE_EVERY
- * notifications and every PGLF_HOLD_US microseconds.
+ * notifications and at least once per batch window.
  */
 static int pump_core(pglf_router *r, const pglf_libpq *pq, PGconn *conn,
-                     unsigned *routed)
+                     int64_t window_us, unsigned *routed)
 {
     /* Loaded once: the calls below (routing, waking) could otherwise make
      * the compiler reload them from the table on every notification. */
@@ -86,15 +86,15 @@ static int pump_core(pglf_router *r, const pglf_libpq *pq, PGconn *conn,
         /* During a burst, read on while the socket has more, so consumers
          * are woken once per PGLF_WAKE_EVERY notifications instead of once
          * per socket read (each wake-up of a sleeping thread costs
-         * microseconds), but never later than PGLF_HOLD_US after the first
-         * notification they have not been woken for. */
+         * microseconds), but never later than the batch window after the
+         * first notification they have not been woken for. */
         if (flags || (busy && !is_busy(conn)) || k < PGLF_BURST_READ ||
             !readable_now(pq->PQsocket(conn), pglf_router_wake_fd(r)))
             break;
         int64_t now = pglf_mono_us();
         if (woken_at == 0)
             woken_at = now;
-        else if (now - woken_at >= PGLF_HOLD_US) {
+        else if (now - woken_at >= window_us) {
             since_wake = 0;
             woken_at = now;
             pglf_router_wake(r);
@@ -105,16 +105,27 @@ static int pump_core(pglf_router *r, const pglf_libpq *pq, PGconn *conn,
     return flags;
 }
 
+/* The batch window in effect (see pglf_set_batch_window()). */
+static int64_t window_of(const pglf_pace *pace)
+{
+    return pace->window_us < 0 ? PGLF_HOLD_US : pace->window_us;
+}
+
+void pglf_set_batch_window(pglf_router *r, int window_us)
+{
+    pglf_router_pace(r)->window_us = window_us < 0 ? -1 : window_us;
+}
+
 int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
 {
     unsigned routed;
-    int flags = pump_core(r, pq, conn, &routed);
+    int flags = pump_core(r, pq, conn, window_of(pglf_router_pace(r)), &routed);
     pglf_router_wake(r);
     return flags;
 }
 
 /*
- * Whether to batch the next PGLF_HOLD_US: called after a read that routed
+ * Whether to batch the next window: called after a read that routed
  * `routed` (> 0) notifications at `now`.  The pace is the smoothed time per
  * notification between reads; under PGLF_STREAM_GAP_US (a stream of over
  * ~10,000 a second) the consumers and this thread are both better off
@@ -126,6 +137,8 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
  */
 static int hold_wakeup(pglf_pace *pace, int64_t now, unsigned routed)
 {
+    if (pace->window_us == 0)
+        return 0;   /* batching is off */
     if (pace->last_us != 0) {
         int64_t per = (now - pace->last_us) / (int64_t)routed;
         /* Smoothed over about four reads; one long gap resets it. */
@@ -168,6 +181,7 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
      * consumers that freed space) asks for attention. */
     pglf_router_set_wake_fd(r, wake_fd);
     pglf_pace *pace = pglf_router_pace(r);
+    int64_t window = window_of(pace);
     int64_t deadline = timeout_ms >= 0 ? pglf_mono_us() + (int64_t)timeout_ms * 1000
                                        : -1;
     int64_t hold_until = -1;   /* consumers owed a wake-up by then */
@@ -185,7 +199,7 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             /* The batch window is over: take in what arrived meanwhile,
              * then wake the consumers of everything routed. */
             unsigned routed = 0;
-            int flags = blocked ? 0 : pump_core(r, pq, conn, &routed);
+            int flags = blocked ? 0 : pump_core(r, pq, conn, window, &routed);
             pglf_router_wake(r);
             hold_until = -1;
             if (flags)
@@ -198,7 +212,7 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             if (routed) {
                 now = pglf_mono_us();
                 if (!pglf_router_busy(r) && hold_wakeup(pace, now, routed))
-                    hold_until = now + PGLF_HOLD_US;
+                    hold_until = now + window;
             }
             continue;
         }
@@ -231,10 +245,10 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             flags |= PGLF_RUN_WAKE;
         if (watch_in && (p[1].revents & ~POLLOUT)) {
             unsigned routed;
-            flags |= pump_core(r, pq, conn, &routed);
+            flags |= pump_core(r, pq, conn, window, &routed);
             now = pglf_mono_us();
             if (routed && !flags && !pglf_router_busy(r) && hold_wakeup(pace, now, routed))
-                hold_until = now + PGLF_HOLD_US;
+                hold_until = now + window;
             else
                 pglf_router_wake(r);
         }

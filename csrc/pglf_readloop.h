@@ -26,16 +26,18 @@
 /* Wake consumers at least every this many notifications during a burst. */
 #define PGLF_WAKE_EVERY 4096
 /*
- * The batch window, in microseconds: the longest the read loop holds back a
+ * The default batch window, in microseconds (pglf_set_batch_window()
+ * changes it per router): the longest the read loop holds back a
  * sleeping consumer's wake-up.  During a long burst consumers are woken at
  * least this often.  A fast stream (over ~10,000 notifications a second:
  * less than PGLF_STREAM_GAP_US apart on average) is read in windows of
  * this length, window after window while it lasts: the selector sleeps
  * through each without watching the socket, then reads what arrived in one
  * go and wakes each consumer once.  So a notification of a fast stream
- * reaches a sleeping consumer within about PGLF_HOLD_US of reaching the
- * socket (plus the time to read it), and both threads wake about once per window instead of once per
- * notification: at 20,000/s, 0.2 wake-ups per notification instead of 2.
+ * reaches a sleeping consumer within about one window of reaching the
+ * socket (plus the time to read it), and both threads wake about once per
+ * window instead of once per notification: at 20,000/s, 0.2 wake-ups per
+ * notification instead of 2.
  */
 #define PGLF_HOLD_US 500
 #define PGLF_STREAM_GAP_US 100
@@ -50,6 +52,14 @@
 #define PGLF_RUN_ERROR 8     /* libpq reported an error: see PQerrorMessage */
 #define PGLF_RUN_BLOCKED 16  /* a "block" ring is full; the socket is not read */
 #define PGLF_RUN_EINTR 32    /* the wait was interrupted by a signal */
+
+/*
+ * Set the batch window of the read loop fed by `r`, in microseconds: 0
+ * turns batching off (every read wakes its consumers at once), < 0 restores
+ * the default, PGLF_HOLD_US.  Selector thread only, between calls of
+ * pglf_run().
+ */
+void pglf_set_batch_window(pglf_router *r, int window_us);
 
 /*
  * Read what the socket has: PQconsumeInput, then route every PQnotifies

@@ -65,6 +65,7 @@ pglf_router *pglf_router_new(void)
     if (r == NULL)
         return NULL;
     r->wake_fd = -1;
+    r->pace.window_us = -1;
     if (pglf_chanmap_init(&r->map) != PGLF_OK) {
         free(r);
         return NULL;

@@ -116,12 +116,14 @@ int pglf_router_busy(const pglf_router *r);
 void pglf_router_set_wake_fd(pglf_router *r, int fd);
 /*
  * Arrival pacing, kept here for the read loop (pglf_readloop.c) across its
- * calls: when the last socket read routed notifications, and the smoothed
- * gap between such reads (microseconds).
+ * calls: when the last socket read routed notifications, the smoothed time
+ * per notification between such reads (microseconds), and the batch window
+ * (pglf_set_batch_window(); < 0 until set: the default).
  */
 typedef struct pglf_pace {
     int64_t last_us;
     int64_t gap_us;
+    int32_t window_us;
 } pglf_pace;
 pglf_pace *pglf_router_pace(pglf_router *r);
 int pglf_router_wake_fd(const pglf_router *r);

@@ -62,6 +62,12 @@ def test_listen_refuses_bad_arguments(listener: pgl.Listener) -> None:
 
 
 def test_listener_refuses_bad_arguments(dsn: str) -> None:
+    for window in (-0.001, 0.2, float("nan")):
+        with pytest.raises(ValueError, match="batch_window"):
+            pgl.Listener(dsn, batch_window=window)
+    for bad in ("1ms", True, None):
+        with pytest.raises(TypeError, match="batch_window"):
+            pgl.Listener(dsn, batch_window=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         pgl.Listener(dsn, overflow="bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError):

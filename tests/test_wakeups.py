@@ -1,7 +1,7 @@
 """A sleeping consumer is woken while the read loop is kept busy.
 
 The read loop batches wake-ups during bursts and fast streams (at most
-``PGLF_HOLD_US`` microseconds late, see csrc/pglf_readloop.h); a consumer
+``batch_window`` late, see csrc/pglf_readloop.h); a consumer
 of a quiet channel must still get its notification while a long stream on
 another channel keeps the loop reading, not when the stream ends.  The
 bound checked here is generous: this is about being woken at all during
@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 import psycopg
+import pytest
 
 import pglisten_fast as pgl
 from tests.helpers import TIMEOUT, listen_ready, wait_until
@@ -21,8 +22,12 @@ from tests.helpers import TIMEOUT, listen_ready, wait_until
 Conn = psycopg.Connection[Any]
 
 
-def test_a_quiet_consumer_is_woken_during_a_long_stream(dsn: str) -> None:
-    with pgl.Listener(dsn) as listener:
+@pytest.mark.parametrize("window", [0.0, 0.0005, 0.1],
+                         ids=["no batching", "default window", "longest window"])
+def test_a_quiet_consumer_is_woken_during_a_long_stream(
+    dsn: str, window: float
+) -> None:
+    with pgl.Listener(dsn, batch_window=window) as listener:
         stream = listen_ready(listener, "long_stream", buffer_size=64 * 2**20)
         quiet = listen_ready(listener, "quiet")
         streaming = threading.Event()

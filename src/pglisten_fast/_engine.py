@@ -63,6 +63,8 @@ class Engine:
     :param delivery_probes: prove delivery with probes from a second
         session: None behind a pooler only, True always, False never.
     :param queue_warning: server queue usage (0-1) that logs a warning.
+    :param batch_window_us: the C read loop's batch window in microseconds
+        (0: off; < 0: its default).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class Engine:
         state: ListenerState,
         delivery_probes: bool | None = None,
         queue_warning: float = 0.5,
+        batch_window_us: int = -1,
     ) -> None:
         self._source = source
         self._backoff = Backoff(reconnect_delay, max_reconnect_delay)
@@ -84,7 +87,7 @@ class Engine:
         self._first_attempt_reported = False
 
         self.wake = WakeFd()
-        self._router = Router()
+        self._router = Router(batch_window_us)
         self._commands: deque[Command] = deque()
         self._stopping = False
 

@@ -94,11 +94,17 @@ class Router:
 
     __slots__ = ("_ptr",)
 
-    def __init__(self) -> None:
+    def __init__(self, batch_window_us: int = -1) -> None:
+        """
+        :param batch_window_us: the C read loop's batch window for fast
+            streams, in microseconds; 0 turns batching off, < 0 keeps the
+            default (``PGLF_HOLD_US``).
+        """
         ptr = lib.pglf_router_new()
         if ptr == ffi.NULL:
             raise MemoryError("cannot allocate the notification router")
         self._ptr = ffi.gc(ptr, lib.pglf_router_free)
+        lib.pglf_set_batch_window(ptr, batch_window_us)
 
     @property
     def ptr(self) -> Any:
