@@ -442,7 +442,9 @@ def print_header(h: dict[str, Any]) -> None:
     if opts:
         print(f"            pglisten_fast client: overflow={opts['overflow']!r}, "
               f"buffer_size={opts['buffer_size']:,}, "
-              f"get_batch(max_items={opts['max_items']:,})")
+              f"get_batch(max_items={opts['max_items']:,})"
+              + ("" if opts.get("batch_window") is None
+                 else f", batch_window={opts['batch_window']:g} s"))
 
 
 #: Colours of the clients in the charts.

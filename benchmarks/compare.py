@@ -88,6 +88,7 @@ from bench_scenarios import (  # noqa: E402
     slope,
 )
 from peers import (  # noqa: E402
+    BATCH_WINDOW_ENV,
     BUFFER_ENV,
     DEFAULT_MAX_ITEMS,
     DEFAULT_OVERFLOW,
@@ -249,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--pglf-buffer-size", type=int, default=16 * 2**20,
                     help="ring size of the pglisten_fast client's subscriptions "
                          "in bytes (default: %(default)s, the library's default)")
+    ap.add_argument("--pglf-batch-window", type=float, default=None,
+                    help="batch_window of the pglisten_fast client's listener in "
+                         "seconds (default: the library's, 0.0005; 0 turns "
+                         "batching off)")
     ap.add_argument("--pglf-max-items", type=int, default=DEFAULT_MAX_ITEMS,
                     help="max_items of the pglisten_fast client's get_batch calls "
                          "(default: %(default)s)")
@@ -271,6 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ[OVERFLOW_ENV] = args.pglf_overflow
     os.environ[BUFFER_ENV] = str(args.pglf_buffer_size)
     os.environ[MAX_ITEMS_ENV] = str(args.pglf_max_items)
+    os.environ[BATCH_WINDOW_ENV] = ("" if args.pglf_batch_window is None
+                                    else str(args.pglf_batch_window))
 
     with contextlib.ExitStack() as stack:
         build_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(
@@ -303,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hdr["sender"] += f" (C sender: {sender_note})"
         hdr["pglisten_fast_client"] = {"overflow": args.pglf_overflow,
                                        "buffer_size": args.pglf_buffer_size,
-                                       "max_items": args.pglf_max_items}
+                                       "max_items": args.pglf_max_items,
+                                       "batch_window": args.pglf_batch_window}
         print_header(hdr)
         for client, why in unavailable.items():
             print(f"n/a         {client}: {why}")

@@ -371,10 +371,12 @@ def _thread_report(before: Snapshot, after: Snapshot) -> dict[str, dict[str, flo
     return out
 
 
-#: Environment variables that set the pglisten_fast client's subscription
-#: options (``compare.py --pglf-overflow/--pglf-buffer-size`` set them).
+#: Environment variables that set the pglisten_fast client's options
+#: (``compare.py --pglf-overflow/--pglf-buffer-size/--pglf-batch-window``
+#: set them; an empty batch window means the library's default).
 OVERFLOW_ENV = "PGLF_BENCH_OVERFLOW"
 BUFFER_ENV = "PGLF_BENCH_BUFFER_SIZE"
+BATCH_WINDOW_ENV = "PGLF_BENCH_BATCH_WINDOW"
 #: ``max_items`` of the client's ``get_batch`` calls (default 4,096: larger
 #: batches make CPython return allocator arenas to the OS between batches).
 MAX_ITEMS_ENV = "PGLF_BENCH_MAX_ITEMS"
@@ -411,10 +413,13 @@ def run_pglisten_fast(dsn: str, channel: str, n: int, mode: str) -> None:
     win = Window("pglisten_fast", mode)
     overflow = os.environ.get(OVERFLOW_ENV) or DEFAULT_OVERFLOW
     buffer_size = int(os.environ.get(BUFFER_ENV) or 16 * 2**20)
+    window = os.environ.get(BATCH_WINDOW_ENV)
+    options: dict[str, Any] = {} if not window else {"batch_window": float(window)}
     listener = pgl.Listener(dsn, overflow=overflow,  # type: ignore[arg-type]
-                            buffer_size=buffer_size).start()
+                            buffer_size=buffer_size, **options).start()
     max_items = int(os.environ.get(MAX_ITEMS_ENV) or DEFAULT_MAX_ITEMS)
     extra: dict[str, Any] = {"overflow": overflow, "buffer_size": buffer_size,
+                             **options,
                              "max_items": max_items, **pglf_read_path()}
 
     if kind == "stalled":
