@@ -240,7 +240,13 @@ class Subscription:
             self._lock.release()
 
     def _try_retire(self) -> None:
-        """Let the ring go if no consumer is busy (any thread)."""
+        """Let the ring go if no consumer is busy (any thread; never called
+        with ``_plock`` held)."""
+        # A consumer checks for the close and releases its lock under
+        # _plock: wait that out, so that either it saw the close (and
+        # retires) or its lock is free here.
+        with self._plock:
+            pass
         if self._lock.acquire(blocking=False):
             self._release_consumer()
 
