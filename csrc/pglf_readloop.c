@@ -125,8 +125,9 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
 }
 
 /*
- * Whether to batch the next window: called after a read that routed
- * `routed` (> 0) notifications at `now`.  The pace is the smoothed time per
+ * Record the pace of a read that routed `routed` (> 0) notifications at
+ * `now`, and say whether to batch the next window (never with batching
+ * off: a batch window of 0).  The pace is the smoothed time per
  * notification between reads; under PGLF_STREAM_GAP_US (a stream of over
  * ~10,000 a second) the consumers and this thread are both better off
  * batching: the thread sleeps through a window without watching the
@@ -137,8 +138,6 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn)
  */
 static int hold_wakeup(pglf_pace *pace, int64_t now, unsigned routed)
 {
-    if (pace->window_us == 0)
-        return 0;   /* batching is off */
     if (pace->last_us != 0) {
         int64_t per = (now - pace->last_us) / (int64_t)routed;
         /* Smoothed over about four reads; one long gap resets it. */
@@ -148,7 +147,7 @@ static int hold_wakeup(pglf_pace *pace, int64_t now, unsigned routed)
         pace->gap_us = PGLF_HOLD_US * 4;
     }
     pace->last_us = now;
-    return pace->gap_us < PGLF_STREAM_GAP_US;
+    return pace->window_us != 0 && pace->gap_us < PGLF_STREAM_GAP_US;
 }
 
 /* poll() with a microsecond timeout (< 0: none). */
@@ -202,6 +201,8 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             int flags = blocked ? 0 : pump_core(r, pq, conn, window, &routed);
             pglf_router_wake(r);
             hold_until = -1;
+            /* Every read counts towards the pace, even one that returns. */
+            int fast = routed && hold_wakeup(pace, pglf_mono_us(), routed);
             if (flags)
                 return flags;
             if (timed_out)
@@ -209,11 +210,8 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             /* While the stream keeps its pace, the next window starts at
              * once: the socket is not watched in between, so this thread
              * wakes once per window, not once per read. */
-            if (routed) {
-                now = pglf_mono_us();
-                if (!pglf_router_busy(r) && hold_wakeup(pace, now, routed))
-                    hold_until = now + window;
-            }
+            if (fast && !pglf_router_busy(r))
+                hold_until = pace->last_us + window;
             continue;
         }
         /* While holding, the socket is not watched for input: what arrives
@@ -247,7 +245,8 @@ int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
             unsigned routed;
             flags |= pump_core(r, pq, conn, window, &routed);
             now = pglf_mono_us();
-            if (routed && !flags && !pglf_router_busy(r) && hold_wakeup(pace, now, routed))
+            int fast = routed && hold_wakeup(pace, now, routed);
+            if (fast && !flags && !pglf_router_busy(r))
                 hold_until = now + window;
             else
                 pglf_router_wake(r);

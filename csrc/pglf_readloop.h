@@ -55,9 +55,10 @@
 
 /*
  * Set the batch window of the read loop fed by `r`, in microseconds: 0
- * turns batching off (every read wakes its consumers at once), < 0 restores
- * the default, PGLF_HOLD_US.  Selector thread only, between calls of
- * pglf_run().
+ * turns the batching of fast streams off (a read wakes its consumers at
+ * once, and a long burst wakes them on every further read), < 0 restores
+ * the default, PGLF_HOLD_US.  Call it before the selector thread starts,
+ * or on that thread between calls of pglf_run().
  */
 void pglf_set_batch_window(pglf_router *r, int window_us);
 
@@ -78,8 +79,8 @@ int pglf_pump(pglf_router *r, const pglf_libpq *pq, PGconn *conn);
  * health-check schedule, kept whatever the traffic), results of the
  * outstanding query, an error, or a newly blocked ring.  Returns
  * PGLF_RUN_* flags.  Consumers are woken before it returns; within it,
- * about PGLF_HOLD_US at most after a notification of theirs reached the
- * socket (see PGLF_HOLD_US).
+ * about one batch window at most after a notification of theirs reached
+ * the socket (see PGLF_HOLD_US and pglf_set_batch_window()).
  */
 int pglf_run(pglf_router *r, const pglf_libpq *pq, PGconn *conn, int wake_fd,
              int timeout_ms);

@@ -445,6 +445,11 @@ static PyObject *records_take(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_ssize_t max_items = PyLong_AsSsize_t(args[2]);
     if (max_items == -1 && PyErr_Occurred())
         return NULL;
+    if (max_items <= 0) {
+        /* Nothing could ever be taken: the wait would return at once. */
+        PyErr_SetString(PyExc_ValueError, "take(): max_items must be >= 1");
+        return NULL;
+    }
     long timeout_ms = PyLong_AsLong(args[3]);
     if (timeout_ms == -1 && PyErr_Occurred())
         return NULL;

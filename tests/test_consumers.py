@@ -18,6 +18,8 @@ import pytest
 from psycopg.rows import TupleRow
 
 import pglisten_fast as pgl
+from pglisten_fast._ring import Ring
+from pglisten_fast.subscription import Subscription
 from tests.helpers import TIMEOUT, Worker, listen_ready, wait_until
 
 Conn = psycopg.Connection[TupleRow]
@@ -26,6 +28,27 @@ Conn = psycopg.Connection[TupleRow]
 # ---------------------------------------------------------------------------
 # several consumers
 # ---------------------------------------------------------------------------
+
+
+def test_items_put_back_by_an_iterator_reach_a_sleeping_consumer() -> None:
+    """An iterator keeps the rest of its batch in the subscription; a
+    consumer already asleep in ``get_batch`` gets those items when it wakes
+    (here: on close) instead of ``Closed`` while items remain."""
+    ring = Ring(4096)
+    sub = Subscription(("ch",), ring, "drop", lambda: None)
+    kept = [pgl.Notification("ch", "kept", 7)]
+    result: list[object] = []
+    sleeper = threading.Thread(
+        target=lambda: result.append(sub.get_batch(10, timeout=TIMEOUT)))
+    sleeper.start()
+    # wake_consumer() is True only once the consumer announced its sleep.
+    wait_until(ring.wake_consumer, message="the consumer sleeps")
+    sub._keep(kept)
+    ring.close()
+    sleeper.join(TIMEOUT)
+    assert result == [kept]
+    with pytest.raises(pgl.Closed):
+        sub.get_batch(10, timeout=0)
 
 
 def test_several_consumers_share_one_subscription(

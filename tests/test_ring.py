@@ -774,6 +774,14 @@ def test_take_closed_only_after_drained() -> None:
     assert ring.take(CHANNELS, 10, 0, False) == Status.CLOSED
 
 
+def test_take_refuses_an_empty_batch() -> None:
+    ring = Ring(4096)
+    assert ring.write(b"x") == Status.OK
+    with pytest.raises(ValueError, match="max_items"):
+        ring.take(CHANNELS, 0, -1, False)
+    assert ring.used > 0
+
+
 def test_take_keeps_a_record_of_an_unknown_channel() -> None:
     ring = Ring(4096)
     assert ring.write(b"x", chan=UNKNOWN_CHAN) == Status.OK

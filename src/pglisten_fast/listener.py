@@ -168,7 +168,8 @@ class Listener:
             state=self._shared,
             delivery_probes=delivery_probes,
             queue_warning=queue_warning,
-            batch_window_us=round(batch_window * 1e6),
+            # A positive window is at least 1 us (0 means off).
+            batch_window_us=max(1, round(batch_window * 1e6)) if batch_window else 0,
         )
         # Neither the selector thread nor the subscriptions refer back to
         # this object: once the application drops it, this stops the thread.

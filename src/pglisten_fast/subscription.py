@@ -203,6 +203,10 @@ class Subscription:
                 got = ring.take(channels, max_items, _millis(left), raw)
                 if isinstance(got, list):
                     return got
+                # An iterator may have put items back meanwhile (_keep):
+                # they come first, and the subscription is not drained.
+                if self._pending:
+                    return self._take(max_items)
                 if got == Status.CLOSED:
                     raise Closed(f"subscription {self._channels!r} is closed")
                 if got == Status.EINVAL:
