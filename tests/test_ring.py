@@ -751,9 +751,9 @@ def test_take_drains_without_waiting_when_records_are_there() -> None:
     ring = Ring(4096)
     assert ring.write(b"a", chan=1, pid=5) == Status.OK
     assert ring.write(b"\xff", chan=2, pid=6) == Status.OK
-    got = ring.take(CHANNELS, 1, -1, False)
+    got = ring.take(CHANNELS, 1, None, False)
     assert got == [Notification("one", "a", 5)]
-    got = ring.take(CHANNELS, 10, -1, True)
+    got = ring.take(CHANNELS, 10, None, True)
     assert got == [Notification("two", b"\xff", 6)]
 
 
@@ -761,7 +761,7 @@ def test_take_times_out_on_empty_ring() -> None:
     ring = Ring(4096)
     assert ring.take(CHANNELS, 10, 0, False) == Status.TIMEOUT
     t0 = time.monotonic()
-    assert ring.take(CHANNELS, 10, 50, False) == Status.TIMEOUT
+    assert ring.take(CHANNELS, 10, 0.05, False) == Status.TIMEOUT
     assert time.monotonic() - t0 >= 0.045
 
 
@@ -769,8 +769,8 @@ def test_take_closed_only_after_drained() -> None:
     ring = Ring(4096)
     assert ring.write(b"last") == Status.OK
     ring.close()
-    assert ring.take(CHANNELS, 10, -1, False) == [Notification("zero", "last", 0)]
-    assert ring.take(CHANNELS, 10, -1, False) == Status.CLOSED
+    assert ring.take(CHANNELS, 10, None, False) == [Notification("zero", "last", 0)]
+    assert ring.take(CHANNELS, 10, None, False) == Status.CLOSED
     assert ring.take(CHANNELS, 10, 0, False) == Status.CLOSED
 
 
@@ -778,7 +778,7 @@ def test_take_refuses_an_empty_batch() -> None:
     ring = Ring(4096)
     assert ring.write(b"x") == Status.OK
     with pytest.raises(ValueError, match="max_items"):
-        ring.take(CHANNELS, 0, -1, False)
+        ring.take(CHANNELS, 0, None, False)
     assert ring.used > 0
 
 
@@ -854,7 +854,7 @@ def test_wait_woken_by_producer_thread() -> None:
 
 def test_take_sleeps_until_a_producer_thread_writes() -> None:
     ring = Ring(4096)
-    waiter = _Thread(lambda: ring.take(CHANNELS, 10, int(JOIN_TIMEOUT * 1000), False))
+    waiter = _Thread(lambda: ring.take(CHANNELS, 10, JOIN_TIMEOUT, False))
     _until_consumer_sleeps(ring, waiter)
     assert ring.write(b"wake up", chan=3, pid=17) == Status.OK
     ring.wake_consumer()
@@ -863,7 +863,7 @@ def test_take_sleeps_until_a_producer_thread_writes() -> None:
 
 def test_take_woken_by_close() -> None:
     ring = Ring(4096)
-    waiter = _Thread(lambda: ring.take(CHANNELS, 10, -1, False))
+    waiter = _Thread(lambda: ring.take(CHANNELS, 10, None, False))
     _until_consumer_sleeps(ring, waiter)
     ring.close()
     assert waiter.join() == Status.CLOSED

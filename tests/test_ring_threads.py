@@ -167,7 +167,7 @@ class Consumer:
             turn += 1
             if turn % 3 == 2:
                 # take(): drain, or sleep until records come and drain them.
-                taken = ring.take(CHANNELS, 256, int(WAIT_S * 1000), True)
+                taken = ring.take(CHANNELS, 256, WAIT_S, True)
                 if taken == Status.CLOSED:
                     break
                 if not isinstance(taken, list):

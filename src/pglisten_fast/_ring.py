@@ -59,6 +59,13 @@ class Status(enum.IntEnum):
     EINTR = lib.PGLF_EINTR        # wait: interrupted by a signal
 
 
+def _millis(seconds: float | None) -> int:
+    """A wait's timeout in whole milliseconds, rounded up (None: -1, none)."""
+    if seconds is None:
+        return -1
+    return max(0, min(int(seconds * 1000 + 0.999), 2**31 - 1))
+
+
 # Result code -> Status by lookup: calling the enum costs a microsecond on
 # the consumer's path.
 _STATUS: dict[int, Status] = {int(s): s for s in Status}
@@ -427,20 +434,17 @@ class Ring:
         Returns ``READY``, ``CLOSED``, ``TIMEOUT``, ``EINTR``, or ``EINVAL``
         when the wake-up fd cannot be polled.
         """
-        if timeout is None:
-            ms = -1
-        else:
-            ms = max(0, min(int(timeout * 1000 + 0.999), 2**31 - 1))
         if self._idle:
             return Status.CLOSED
-        return _STATUS[lib.pglf_ring_wait(self._ptr, ms)]
+        return _STATUS[lib.pglf_ring_wait(self._ptr, _millis(timeout))]
 
     def take(
-        self, channels: tuple[str, ...], max_items: int, timeout_ms: int, raw: bool
+        self, channels: tuple[str, ...], max_items: int, timeout: float | None,
+        raw: bool,
     ) -> list[Notification] | Status:
         """Drain up to ``max_items`` records (UTF-8 payloads, or ``bytes``
-        with ``raw``); if there are none, sleep up to ``timeout_ms`` (< 0: no
-        limit, 0: not at all) with the GIL released for them first.
+        with ``raw``); if there are none, sleep up to ``timeout`` seconds
+        (None: no limit, 0: not at all) with the GIL released for them first.
 
         Returns a non-empty list, or the wait's result: ``CLOSED`` (closed
         and empty), ``TIMEOUT``, ``EINTR`` or ``EINVAL`` (the fd cannot be
@@ -449,7 +453,7 @@ class Ring:
         if self._idle:
             items = self.drain(channels, max_items, None, raw)
             return items or Status.CLOSED
-        got = _records.take(self.address, channels, max_items, timeout_ms, raw)
+        got = _records.take(self.address, channels, max_items, _millis(timeout), raw)
         return got if isinstance(got, list) else _STATUS[got]
 
     def consumer_closed(self) -> bool:

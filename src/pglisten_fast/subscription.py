@@ -34,13 +34,6 @@ Overflow = Literal["drop", "block"]
 _MAIN_THREAD_SLICE = 0.25
 
 
-def _millis(seconds: float | None) -> int:
-    """A wait's timeout in whole milliseconds, rounded up (-1: none)."""
-    if seconds is None:
-        return -1
-    return max(0, min(int(seconds * 1000 + 0.999), 2**31 - 1))
-
-
 @dataclass(frozen=True, slots=True)
 class SubscriptionStats:
     """Snapshot of a subscription's counters."""
@@ -200,7 +193,7 @@ class Subscription:
             while True:
                 if slice_ is not None and (left is None or left > slice_):
                     left = slice_
-                got = ring.take(channels, max_items, _millis(left), raw)
+                got = ring.take(channels, max_items, left, raw)
                 if isinstance(got, list):
                     return got
                 # An iterator may have put items back meanwhile (_keep):
