@@ -89,6 +89,10 @@ class RouterSub:
             self._ptr = None
 
 
+#: The read loop's default batch window, in seconds (``PGLF_HOLD_US``).
+DEFAULT_BATCH_WINDOW: float = lib.PGLF_HOLD_US / 1e6
+
+
 class Router:
     """Channel routing, owed markers and the block stash of one Listener."""
 

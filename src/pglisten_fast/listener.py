@@ -30,6 +30,7 @@ from ._handlers import is_async_handler, start_async_handler, start_handler
 from ._names import check_channel
 from ._records import Notification
 from ._ring import round_capacity
+from ._router import DEFAULT_BATCH_WINDOW
 from ._state import ListenerState, ListenerStats
 from .errors import Closed, ConnectError
 from .subscription import Overflow, Subscription
@@ -116,7 +117,7 @@ class Listener:
         overflow: Overflow = "drop",
         delivery_probes: bool | None = None,
         queue_warning: float = 0.5,
-        batch_window: float = 0.0005,
+        batch_window: float = DEFAULT_BATCH_WINDOW,
     ) -> None:
         if not isinstance(conninfo, str):
             raise TypeError(f"conninfo must be a str, got {type(conninfo).__name__}")
